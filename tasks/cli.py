@@ -1,0 +1,280 @@
+"""The ``personcar`` command: every pipeline stage outside Airflow, and the trainer image's entrypoint.
+
+Exit 0 on success; on a user error, exit non-zero with one line on stderr (no traceback).
+Paths may be ``s3://`` URIs for the trainer pod: inputs are synced down to a local work folder
+before the stage runs and outputs synced up after it (the model dir after every checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import PersoncarError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "tensorflow", "great_expectations", "botocore", "urllib3", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Staging:
+    """Local stand-ins for ``s3://`` arguments: sync inputs down now, outputs up on ``push``."""
+
+    def __init__(self, root: Path, endpoint_url: str | None) -> None:
+        self.root, self.endpoint_url, self.outputs = root, endpoint_url, []  # type: ignore[var-annotated]
+
+    def _local(self, uri: str, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def input(self, uri: str | None, name: str, *, file: bool = False) -> Path | None:
+        from tasks import storage
+
+        if uri is None or not storage.is_remote(uri):
+            return None if uri is None else Path(uri)
+        if file:
+            parent, base = uri.rsplit("/", 1)
+            local = self._local(parent, name)
+            storage.download_dir(parent, local, endpoint_url=self.endpoint_url)
+            return local / base
+        local = self._local(uri, name)
+        storage.download_dir(uri, local, endpoint_url=self.endpoint_url)
+        return local
+
+    def output(self, uri: str, name: str, *, file: bool = False) -> Path:
+        from tasks import storage
+
+        if not storage.is_remote(uri):
+            return Path(uri)
+        if file:
+            parent, base = uri.rsplit("/", 1)
+            local = self._local(parent, name)
+            self.outputs.append((local, parent))
+            return local / base
+        local = self._local(uri, name)
+        self.outputs.append((local, uri))
+        return local
+
+    def push(self) -> None:
+        from tasks import storage
+
+        for local, uri in self.outputs:
+            storage.upload_dir(local, uri, endpoint_url=self.endpoint_url)
+
+
+@contextlib.contextmanager
+def staging(endpoint_url: str | None) -> Iterator[_Staging]:
+    with tempfile.TemporaryDirectory(prefix="personcar-stage-") as tmp:
+        stage = _Staging(Path(tmp), endpoint_url)
+        yield stage
+        stage.push()
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_sample(a: argparse.Namespace) -> Any:
+    from tasks.sample import make_sample
+
+    return make_sample(a.out, images=a.images, seed=a.seed, archive=a.archive)
+
+
+def cmd_download(a: argparse.Namespace) -> Any:
+    from tasks.download import download_dataset
+
+    return download_dataset(a.source, a.dest, sha256=a.sha256, endpoint_url=a.endpoint_url)
+
+
+def cmd_validate(a: argparse.Namespace) -> Any:
+    from tasks.validate import validate_annotations
+
+    with staging(a.endpoint_url) as st:
+        ann = st.input(a.annotations, "annotations", file=True)
+        images = st.input(a.images, "images")
+        out = st.output(a.out, "out")
+        return validate_annotations(ann, out, images=images, max_quarantine_fraction=a.max_quarantine_fraction)
+
+
+def cmd_tfrecords(a: argparse.Namespace) -> Any:
+    from tasks.tfrecords import build_tfrecords
+
+    with staging(a.endpoint_url) as st:
+        ann = st.input(a.annotations, "annotations", file=True)
+        images = st.input(a.images, "images")
+        out = st.output(a.out, "out")
+        return build_tfrecords(ann, images, out, num_shards=a.num_shards, val_fraction=a.val_fraction, seed=a.seed)
+
+
+def run_config_from_args(a: argparse.Namespace) -> Any:
+    from tasks.config import RunConfig
+
+    return RunConfig.from_params({
+        "model": a.model, "backbone": a.backbone, "steps": a.steps, "batch_size": a.batch_size,
+        "image_size": a.image_size, "learning_rate": a.learning_rate, "init_checkpoint": a.init_checkpoint,
+        "seed": a.seed, "gpus": a.gpus,
+    })
+
+
+def cmd_train(a: argparse.Namespace) -> Any:
+    run = run_config_from_args(a)
+    from tasks import storage
+    from tasks.train import train
+
+    with staging(a.endpoint_url) as st:
+        data = st.input(a.data, "data")
+        model_dir = st.input(a.model_dir, "model") if storage.is_remote(a.model_dir) else Path(a.model_dir)
+        remote_model = storage.is_remote(a.model_dir)
+        on_ckpt = (lambda d: storage.upload_dir(d, a.model_dir, endpoint_url=a.endpoint_url)) if remote_model else None
+        summary = train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+                        export=not a.no_export, gpus=a.gpus if a.gpus is not None else None, on_checkpoint=on_ckpt)
+        return summary
+
+
+def cmd_predict(a: argparse.Namespace) -> Any:
+    from tasks.predict import predict
+
+    with staging(a.endpoint_url) as st:
+        model_dir = st.input(a.model_dir, "model")
+        data, images = st.input(a.data, "data"), st.input(a.images, "images")
+        out = st.output(a.out, "out", file=True)
+        dets = predict(model_dir, out, data=data, images=images, score_threshold=a.score_threshold)
+        return {"detections": len(dets), "out": a.out}
+
+
+def cmd_evaluate(a: argparse.Namespace) -> Any:
+    from tasks.evaluate import evaluate
+
+    with staging(a.endpoint_url) as st:
+        gt = st.input(a.annotations, "gt", file=True)
+        det = st.input(a.detections, "det", file=True)
+        out = st.output(a.out, "out")
+        return evaluate(gt, det, out)
+
+
+def cmd_report(a: argparse.Namespace) -> Any:
+    from tasks.report import build_report
+
+    return build_report(a.run_dir, a.out)
+
+
+def cmd_publish(a: argparse.Namespace) -> Any:
+    from tasks.publish import publish
+
+    run_id = a.run_id or Path(a.src).resolve().parent.name
+    return publish(a.src, a.dest, run_id=run_id, endpoint_url=a.endpoint_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks import __version__
+
+    p = argparse.ArgumentParser(prog="personcar", description="Person/car detector pipeline stages.")
+    p.add_argument("--version", action="version", version=f"personcar {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    s = add("sample", cmd_sample, "write an offline sample dataset in the production layout")
+    s.add_argument("--out", required=True, help="output folder (gets trainval/...)")
+    s.add_argument("--images", type=int, default=24, help="number of images (default 24)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--archive", help="also pack it as this trainval.tar.gz")
+
+    s = add("download", cmd_download, "fetch, verify and safely extract the dataset archive")
+    s.add_argument("--source", required=True, help="s3://bucket/key, https://..., file://... or a path")
+    s.add_argument("--dest", required=True, help="folder that receives trainval/...")
+    s.add_argument("--sha256", help="expected sha256 of the archive")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint")
+
+    s = add("validate", cmd_validate, "validate annotations (and images) with Great Expectations")
+    s.add_argument("--annotations", required=True)
+    s.add_argument("--images", help="image folder: also run the image checks")
+    s.add_argument("--out", required=True)
+    s.add_argument("--max-quarantine-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of boxes is quarantined (default 0.01)")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("tfrecords", cmd_tfrecords, "build sharded train/val TFRecords (OD API format)")
+    s.add_argument("--annotations", required=True, help="the cleaned COCO JSON (annotations.clean.json)")
+    s.add_argument("--images", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-shards", type=int, help="shards per split (default: from the data size)")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("train", cmd_train, "train (or resume) the detector and export a SavedModel")
+    s.add_argument("--data", required=True, help="TFRecord folder")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--model", default="ssd_resnet152_v1_fpn_640x640")
+    s.add_argument("--backbone", help="resnet18/34/50/101/152 (default: the model's)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--learning-rate", type=float)
+    s.add_argument("--init-checkpoint", help="checkpoint to fine-tune the backbone from")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
+    s.add_argument("--log-every", type=int, default=10, help="steps between log lines and summaries")
+    s.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    s.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("predict", cmd_predict, "run the exported model into a COCO results JSON")
+    s.add_argument("--model-dir", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", help="TFRecord folder: predict its val split")
+    g.add_argument("--images", help="a folder of images")
+    s.add_argument("--out", required=True, help="detections JSON")
+    s.add_argument("--score-threshold", type=float, default=0.0)
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("evaluate", cmd_evaluate, "COCO metrics (pycocotools) of detections against ground truth")
+    s.add_argument("--annotations", required=True, help="ground truth COCO JSON (val.coco.json)")
+    s.add_argument("--detections", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("report", cmd_report, "build report.html / report.md from a run folder")
+    s.add_argument("--run-dir", required=True)
+    s.add_argument("--out", required=True)
+
+    s = add("publish", cmd_publish, "upload a report folder to s3://bucket/prefix or file://")
+    s.add_argument("--src", required=True)
+    s.add_argument("--dest", required=True)
+    s.add_argument("--run-id", help="default: the name of SRC's parent folder")
+    s.add_argument("--endpoint-url")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        result = args.fn(args)
+    except PersoncarError as exc:
+        print(f"personcar {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"personcar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict):
+        summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict)) or len(json.dumps(v)) < 400}
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

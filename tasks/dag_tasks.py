@@ -1,0 +1,178 @@
+"""The Airflow side of each stage: run config from params, the run folder, connections.
+
+The DAG's tasks call these functions with the task context; each calls the same stage function as
+the CLI. Run folders are ``<artifact root>/<run key>/<stage>/``: the run key is the DAG run id, or
+``tasks_test__<logical date>`` for the temporary runs of ``airflow tasks test``, so that testing
+tasks one by one on a date finds the outputs of the tasks tested before it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import safe_run_id
+from tasks.config import RunConfig, Settings
+from tasks.logs import log
+
+TEMPORARY_RUN_PREFIX = "__airflow_temporary_run_"
+VARIABLES = {  # Airflow Variable -> Settings field (Variables override the environment)
+    "personcar_artifact_root": "artifact_root",
+    "personcar_aws_conn_id": "aws_conn_id",
+    "personcar_s3_endpoint_url": "s3_endpoint_url",
+}
+
+
+def settings() -> Settings:
+    """Deployment settings: environment, then Airflow Variables when they are set."""
+    overrides: dict[str, Any] = {}
+    try:
+        from airflow.sdk import Variable
+
+        for var, field in VARIABLES.items():
+            value = Variable.get(var, default=None)
+            if value:
+                overrides[field] = value
+    except Exception as exc:  # no Airflow context (CLI, unit tests): the environment alone
+        log.debug("Airflow Variables not available: %s", exc)
+    return Settings.from_env(**overrides)
+
+
+def run_key(run_id: str, logical_date: Any = None) -> str:
+    if run_id.startswith(TEMPORARY_RUN_PREFIX) and logical_date is not None:
+        return safe_run_id(f"tasks_test__{logical_date.isoformat()}")
+    return safe_run_id(run_id)
+
+
+def run_dir(context: dict[str, Any]) -> Path:
+    dag_run = context["dag_run"]
+    return Path(settings().artifact_root) / run_key(dag_run.run_id, getattr(dag_run, "logical_date", None))
+
+
+def run_config(context: dict[str, Any]) -> RunConfig:
+    params = {k: v for k, v in dict(context["params"]).items() if k in RunConfig.model_fields}
+    return RunConfig.from_params(params)
+
+
+def _require(path: Path, what: str, task: str) -> Path:
+    if not path.exists():
+        from tasks.errors import PersoncarError
+
+        raise PersoncarError(f"{path} is missing: run task {task!r} for this run first ({what})")
+    return path
+
+
+def _aws_credentials(conn_id: str) -> dict[str, Any]:
+    """Credentials and endpoint from the Airflow AWS connection, or {} to use the default chain."""
+    try:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")
+        creds = hook.get_credentials()
+        endpoint = hook.conn_config.endpoint_url
+    except Exception as exc:  # connection not defined: boto3's default chain / anonymous access
+        log.info("AWS connection %r not usable (%s); using the default credential chain", conn_id, type(exc).__name__)
+        return {}
+    out: dict[str, Any] = {}
+    if creds and creds.access_key:
+        out.update(aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
+                   aws_session_token=creds.token)
+    if endpoint:
+        out["endpoint_url"] = endpoint
+    return out
+
+
+# -- stages ------------------------------------------------------------------------------------
+def download_dataset(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.download import download_dataset as download
+
+    cfg, st, run = run_config(context), settings(), run_dir(context)
+    kwargs = _aws_credentials(st.aws_conn_id) if cfg.dataset_source.startswith("s3://") else {}
+    if st.s3_endpoint_url:
+        kwargs["endpoint_url"] = st.s3_endpoint_url
+    log.info("run folder: %s", run)
+    return download(cfg.dataset_source, run / "download", sha256=cfg.dataset_sha256, **kwargs)
+
+
+def validate_annotations(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.validate import validate_annotations as validate
+
+    cfg, run = run_config(context), run_dir(context)
+    data = _require(run / "download" / "trainval", "the extracted dataset", "download_dataset")
+    out = run / "validate"
+    result = validate(data / "annotations" / "bbox-annotations.json", out, images=data / "images",
+                      max_quarantine_fraction=cfg.max_quarantine_fraction)
+    log.info("Great Expectations Data Docs: file://%s", out / "data_docs" / "index.html")
+    return {k: result[k] for k in ("success", "counts") if k in result} | {
+        "quarantined": len(result.get("quarantined_annotation_ids", []))}
+
+
+def build_tfrecords(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.tfrecords import build_tfrecords as build
+
+    cfg, run = run_config(context), run_dir(context)
+    clean = _require(run / "validate" / "annotations.clean.json", "the cleaned annotations", "validate_annotations")
+    manifest = build(clean, run / "download" / "trainval" / "images", run / "tfrecords",
+                     num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return {split: {k: v for k, v in s.items() if k != "image_ids"} for split, s in manifest["splits"].items()}
+
+
+def train(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.train import train as run_training
+
+    cfg, run = run_config(context), run_dir(context)
+    data = _require(run / "tfrecords" / "manifest.json", "the TFRecords", "build_tfrecords").parent
+    summary = run_training(data, run / "train", cfg)
+    return {k: summary[k] for k in ("steps", "seconds", "seconds_per_step", "final_losses")}
+
+
+def evaluate(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.evaluate import evaluate as run_eval
+    from tasks.predict import predict
+
+    run = run_dir(context)
+    data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
+    _require(run / "train" / "train_summary.json", "a trained model", "train")
+    out = run / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    predict(run / "train", out / "detections.json", data=data)
+    metrics = run_eval(data / "val.coco.json", out / "detections.json", out)
+    keys = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU", "DetectionBoxes_Precision/mAP@.75IOU")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def publish_report(context: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    from tasks.publish import previous_run, publish
+    from tasks.report import build_report
+
+    cfg, st, run = run_config(context), settings(), run_dir(context)
+    _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
+    (run / "config.json").write_text(json.dumps(
+        {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
+         "backend": st.backend}, indent=2, default=str))
+    dest = cfg.publish_dest or st.default_publish_dest()
+    creds = _aws_credentials(st.aws_conn_id) if dest.startswith("s3://") else {}
+    client = None
+    if creds:
+        from tasks.storage import s3_client
+
+        client = s3_client(**creds)
+    endpoint = creds.get("endpoint_url") or st.s3_endpoint_url
+    gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
+    prev = previous_run(dest, endpoint_url=endpoint, client=client)
+    report = build_report(run, run / "report", previous=prev)
+    published = publish(run / "report", dest, run_id=run.name, endpoint_url=endpoint, client=client, gate=gate)
+    report_url = published.get("report_url")
+    context["ti"].xcom_push(key="report_url", value=report_url)
+    log.info("report: %s (promoted: %s)", report_url, published.get("promoted"))
+    return {"report_url": report_url, "promoted": published.get("promoted"), "report": report.get("html")}
+
+
+def ensure_dirs() -> None:
+    """Create the local artifact root (no-op for s3:// roots)."""
+    root = settings().artifact_root
+    if "://" not in root:
+        os.makedirs(root, exist_ok=True)
