@@ -59,3 +59,32 @@ def s3_bucket(s3_server: str, s3_env: dict[str, str]) -> Iterator[tuple[str, str
     name = f"personcar-test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     yield s3_server, name
+
+
+def pixel_area_copy(src: Path, dst: Path) -> Path:
+    """The published JSON with areas in pixels and sorted annotations (what validation produces)."""
+    import json
+
+    coco = json.loads(src.read_text())
+    for a in coco["annotations"]:
+        a["area"] = float(a["bbox"][2] * a["bbox"][3])
+    coco["annotations"].sort(key=lambda a: (a["image_id"], a["id"]))
+    dst.write_text(json.dumps(coco))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 12-image generated sample: its root, archive, raw JSON, pixel-area JSON and images."""
+    from tasks.sample import make_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    make_sample(root / "data", images=12, seed=7, archive=root / "trainval.tar.gz")
+    raw = root / "data" / "trainval" / "annotations" / "bbox-annotations.json"
+    return {
+        "root": root / "data",
+        "archive": root / "trainval.tar.gz",
+        "annotations": raw,
+        "clean": pixel_area_copy(raw, root / "clean.json"),
+        "images": root / "data" / "trainval" / "images",
+    }

@@ -1,0 +1,99 @@
+"""DAG integrity: loads cleanly and fast, six tasks in order, params, retries, no heavy imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TASK_ORDER = ["download_dataset", "validate_annotations", "build_tfrecords", "train", "evaluate", "publish_report"]
+
+PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+t1 = time.perf_counter()
+dag = bag.dags.get("personcar_detection")
+order, task = [], dag.get_task("download_dataset") if dag else None
+while task is not None:
+    order.append(task.task_id)
+    task = next(iter(task.downstream_list), None)
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dags": sorted(bag.dag_ids),
+    "order": order,
+    "tags": sorted(dag.tags),
+    "schedule": getattr(dag.timetable, "expression", None) or dag.timetable._expression,
+    "timetable": type(dag.timetable).__name__,
+    "catchup": dag.catchup,
+    "max_active_runs": dag.max_active_runs,
+    "retries": {t.task_id: t.retries for t in dag.tasks},
+    "params": {k: dag.params.get_param(k).schema for k in dag.params},
+    "classes": {t.task_id: type(t).__name__ for t in dag.tasks},
+    "heavy": sorted(m for m in ("tensorflow", "great_expectations", "official", "keras", "tf_keras") if m in sys.modules),
+    "seconds": t1 - t0,
+}))
+"""
+
+
+def load(backend: str = "local") -> dict:
+    env = {**os.environ, "PERSONCAR_EXECUTION_BACKEND": backend, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], capture_output=True, text=True,
+                         env=env, check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def dag_info() -> dict:
+    return load()
+
+
+def test_dag_folder_loads_without_errors(dag_info: dict) -> None:
+    assert dag_info["errors"] == {}
+    assert dag_info["dags"] == ["personcar_detection"]
+
+
+def test_six_tasks_in_order(dag_info: dict) -> None:
+    assert dag_info["order"] == TASK_ORDER
+
+
+def test_schedule_tags_and_concurrency(dag_info: dict) -> None:
+    assert dag_info["tags"] and "personcar" in dag_info["tags"]
+    assert dag_info["schedule"] == "0 3 * * 1" and "Cron" in dag_info["timetable"]
+    assert dag_info["catchup"] is False and dag_info["max_active_runs"] == 1
+
+
+def test_network_tasks_retry(dag_info: dict) -> None:
+    assert dag_info["retries"]["download_dataset"] >= 2 and dag_info["retries"]["publish_report"] >= 2
+    assert dag_info["retries"]["validate_annotations"] == 0  # a bad dataset does not heal on retry
+    assert all(r >= 0 for r in dag_info["retries"].values())
+
+
+def test_params_form_covers_the_run_config(dag_info: dict) -> None:
+    from tasks.config import RunConfig, available_models
+
+    params = dag_info["params"]
+    assert set(params) == set(RunConfig.model_fields)
+    assert params["steps"]["minimum"] == 1 and params["image_size"]["multipleOf"] == 128
+    assert set(params["model"]["enum"]) == set(available_models())
+    assert [b for b in params["backbone"]["enum"] if b] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert all(p.get("title") for p in params.values())
+
+
+def test_parsing_imports_no_tensorflow_or_great_expectations(dag_info: dict) -> None:
+    assert dag_info["heavy"] == []
+    print(f"DAG folder parse: {dag_info['seconds']:.3f} s")
+
+
+def test_kubernetes_backend_runs_tensorflow_stages_as_pods() -> None:
+    info = load("kubernetes")
+    assert info["errors"] == {} and info["order"] == TASK_ORDER
+    pods = {t for t, cls in info["classes"].items() if "Pod" in cls}
+    assert pods == {"build_tfrecords", "train", "evaluate"}
+    assert info["heavy"] == []
