@@ -20,6 +20,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from tasks.dag_tasks import MACROS
+
 BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
 NETWORK_RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
                    "max_retry_delay": timedelta(minutes=15)}
@@ -66,9 +68,6 @@ PARAMS = {
     "init_checkpoint": Param(None, type=["null", "string"], title="Fine-tune from",
                              description="Checkpoint for the backbone (path or s3://); empty: from scratch.",
                              section="Training"),
-    "gpus": Param(1, type="integer", minimum=0, maximum=16, title="GPUs",
-                  description="GPUs for the trainer pod (kubernetes backend); >1 uses MirroredStrategy.",
-                  section="Training"),
     "seed": Param(42, type="integer", minimum=0, title="Seed", section="Training"),
     "publish_dest": Param(None, type=["null", "string"], title="Publish to",
                           description="s3://bucket/prefix or file://...; empty: <artifact root>/published.",
@@ -90,6 +89,7 @@ PARAMS = {
     tags=["personcar", "object-detection", "tensorflow", "training"],
     default_args={"owner": "personcar", "retries": 1, "retry_delay": timedelta(minutes=2)},
     doc_md=__doc__,
+    user_defined_macros=MACROS,
 )
 def personcar_detection() -> None:
     @task(**NETWORK_RETRIES)

@@ -107,21 +107,32 @@ def cmd_validate(a: argparse.Namespace) -> Any:
 def cmd_tfrecords(a: argparse.Namespace) -> Any:
     from tasks.tfrecords import build_tfrecords
 
+    cfg = run_config_from_args(a)
     with staging(a.endpoint_url) as st:
         ann = st.input(a.annotations, "annotations", file=True)
         images = st.input(a.images, "images")
         out = st.output(a.out, "out")
-        return build_tfrecords(ann, images, out, num_shards=a.num_shards, val_fraction=a.val_fraction, seed=a.seed)
+        return build_tfrecords(ann, images, out, num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
 def run_config_from_args(a: argparse.Namespace) -> Any:
+    """RunConfig from ``--run-config JSON`` (what the DAG passes to pods), then explicit flags."""
     from tasks.config import RunConfig
 
-    return RunConfig.from_params({
-        "model": a.model, "backbone": a.backbone, "steps": a.steps, "batch_size": a.batch_size,
-        "image_size": a.image_size, "learning_rate": a.learning_rate, "init_checkpoint": a.init_checkpoint,
-        "seed": a.seed, "gpus": a.gpus,
-    })
+    params: dict[str, Any] = {}
+    if getattr(a, "run_config", None):
+        try:
+            params = json.loads(a.run_config)
+        except json.JSONDecodeError as exc:
+            raise PersoncarError(f"--run-config is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise PersoncarError("--run-config must be a JSON object of run parameters")
+    for key in ("model", "backbone", "steps", "batch_size", "image_size", "learning_rate", "init_checkpoint",
+                "seed", "num_shards", "val_fraction"):
+        value = getattr(a, key, None)
+        if value is not None:
+            params[key] = value
+    return RunConfig.from_params(params)
 
 
 def cmd_train(a: argparse.Namespace) -> Any:
@@ -135,7 +146,7 @@ def cmd_train(a: argparse.Namespace) -> Any:
         remote_model = storage.is_remote(a.model_dir)
         on_ckpt = (lambda d: storage.upload_dir(d, a.model_dir, endpoint_url=a.endpoint_url)) if remote_model else None
         summary = train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-                        export=not a.no_export, gpus=a.gpus if a.gpus is not None else None, on_checkpoint=on_ckpt)
+                        export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt)
         return summary
 
 
@@ -211,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--num-shards", type=int, help="shards per split (default: from the data size)")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--val-fraction", type=float, help="share of images in val (default 0.1)")
+    s.add_argument("--seed", type=int, help="recorded in the manifest (default 42)")
+    s.add_argument("--run-config", help="run parameters as JSON (flags override them)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("train", cmd_train, "train (or resume) the detector and export a SavedModel")
@@ -225,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int)
     s.add_argument("--learning-rate", type=float)
     s.add_argument("--init-checkpoint", help="checkpoint to fine-tune the backbone from")
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
     s.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
     s.add_argument("--log-every", type=int, default=10, help="steps between log lines and summaries")
     s.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")

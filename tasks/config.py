@@ -72,7 +72,6 @@ class RunConfig(BaseModel):
     num_shards: int | None = Field(default=None, ge=1, le=1024)
     seed: int = Field(default=42, ge=0)
     max_quarantine_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
-    gpus: int = Field(default=1, ge=0, le=16, description="GPUs for the trainer pod (kubernetes).")
     publish_dest: str | None = Field(default=None, description="s3://bucket/prefix or file://...")
     promotion_margin: float = Field(default=0.0, ge=0.0, le=1.0)
 

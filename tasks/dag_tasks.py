@@ -176,3 +176,41 @@ def ensure_dirs() -> None:
     root = settings().artifact_root
     if "://" not in root:
         os.makedirs(root, exist_ok=True)
+
+
+# -- kubernetes backend ------------------------------------------------------------------------
+def run_dir_macro(dag_run: Any) -> str:
+    """``{{ personcar_run_dir(dag_run) }}`` in templated pod arguments."""
+    root = settings().artifact_root.rstrip("/")
+    return f"{root}/{run_key(dag_run.run_id, getattr(dag_run, 'logical_date', None))}"
+
+
+def run_config_macro(params: Any) -> str:
+    """``{{ personcar_run_config(params) }}``: the validated run config as JSON for ``--run-config``."""
+    cfg = RunConfig.from_params({k: v for k, v in dict(params).items() if k in RunConfig.model_fields})
+    return cfg.model_dump_json(exclude_none=True)
+
+
+MACROS = {"personcar_run_dir": run_dir_macro, "personcar_run_config": run_config_macro}
+_RUN = "{{ personcar_run_dir(dag_run) }}"
+_CFG = "{{ personcar_run_config(params) }}"
+POD_ARGUMENTS = {
+    "build_tfrecords": ["tfrecords", "--annotations", f"{_RUN}/validate/annotations.clean.json",
+                        "--images", f"{_RUN}/download/trainval/images", "--out", f"{_RUN}/tfrecords", "--run-config", _CFG],
+    "train": ["train", "--data", f"{_RUN}/tfrecords", "--model-dir", f"{_RUN}/train", "--run-config", _CFG],
+    "evaluate": ["evaluate", "--model-dir", f"{_RUN}/train", "--data", f"{_RUN}/tfrecords", "--out", f"{_RUN}/evaluate"],
+}
+
+
+def kubernetes_stage(task_id: str) -> Any:
+    """The stage as a KubernetesPodOperator running ``personcar ...`` in the trainer image."""
+    from datetime import timedelta
+
+    from tasks.k8s import TrainerPodSettings, make_trainer_task
+
+    pod = TrainerPodSettings.from_env()
+    gpus = {"build_tfrecords": 0, "train": pod.gpus, "evaluate": min(pod.gpus, 1)}[task_id]
+    extra: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(minutes=5)}
+    if task_id == "train":
+        extra["execution_timeout"] = timedelta(hours=24)
+    return make_trainer_task(task_id, POD_ARGUMENTS[task_id], pod, gpus=gpus, **extra)

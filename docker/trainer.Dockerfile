@@ -1,0 +1,62 @@
+# syntax=docker/dockerfile:1.7
+# The trainer image: the `personcar` CLI with TensorFlow 2.20 for NVIDIA GPUs. The `kubernetes`
+# backend runs build_tfrecords, train and evaluate in it (tasks/k8s.py).
+#
+#   docker build -f docker/trainer.Dockerfile -t ghcr.io/personcar/trainer:0.1.0 .
+#
+# Base image: python:3.11 rather than tensorflow/tensorflow:2.20.0-gpu. The project requires
+# Python 3.11 exactly (pyproject: >=3.11,<3.12), while the TensorFlow GPU image ships the system
+# Python of its Ubuntu base (3.10 on Ubuntu 22.04) with TensorFlow and its own dependency versions
+# already pip-installed into it: the locked environment cannot be installed there. TensorFlow's
+# own supported route for GPUs on Linux is `tensorflow[and-cuda]`: CUDA, cuDNN and NCCL come as
+# pip wheels, so no CUDA base image is needed either; the NVIDIA driver is mounted into the
+# container by the node's NVIDIA container toolkit when the pod requests `nvidia.com/gpu`.
+
+# ---- build: a virtual environment with the project and its locked training dependencies -------
+FROM python:3.11.13-slim-bookworm AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# A compiler for the few dependencies published only as source distributions.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY requirements/lock.txt requirements/lock.txt
+COPY docker/trainer-cuda.txt docker/trainer-cuda.txt
+COPY pyproject.toml pyproject.toml
+COPY tasks/ tasks/
+COPY data_checks/ data_checks/
+
+# Every version comes from requirements/lock.txt (the CUDA wheels from docker/trainer-cuda.txt).
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install -c requirements/lock.txt -c docker/trainer-cuda.txt \
+        ".[train]" "tensorflow[and-cuda]==2.20.0" \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/personcar --help > /dev/null
+
+# ---- runtime --------------------------------------------------------------------------------------
+FROM python:3.11.13-slim-bookworm
+
+LABEL org.opencontainers.image.title="personcar-trainer" \
+      org.opencontainers.image.description="personcar CLI with TensorFlow 2.20 (GPU)"
+
+# A numeric non-root user, so that Kubernetes can enforce runAsNonRoot (tasks/k8s.py asks for 1000).
+RUN groupadd --gid 1000 personcar \
+    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/personcar --shell /usr/sbin/nologin personcar
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    TF_USE_LEGACY_KERAS=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HOME=/home/personcar
+
+USER 1000:1000
+WORKDIR /home/personcar
+
+ENTRYPOINT ["personcar"]
+CMD ["--help"]
