@@ -163,12 +163,17 @@ def cmd_predict(a: argparse.Namespace) -> Any:
 
 def cmd_evaluate(a: argparse.Namespace) -> Any:
     from tasks.evaluate import evaluate
+    from tasks.predict import evaluate_model
 
     with staging(a.endpoint_url) as st:
-        gt = st.input(a.annotations, "gt", file=True)
-        det = st.input(a.detections, "det", file=True)
         out = st.output(a.out, "out")
-        return evaluate(gt, det, out)
+        if a.model_dir:
+            if not a.data or a.annotations or a.detections:
+                raise PersoncarError("evaluate takes either --annotations and --detections, or --model-dir and --data")
+            return evaluate_model(st.input(a.model_dir, "model"), st.input(a.data, "data"), out)
+        if not (a.annotations and a.detections):
+            raise PersoncarError("evaluate needs --annotations and --detections (or --model-dir and --data)")
+        return evaluate(st.input(a.annotations, "gt", file=True), st.input(a.detections, "det", file=True), out)
 
 
 def cmd_report(a: argparse.Namespace) -> Any:
@@ -255,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("evaluate", cmd_evaluate, "COCO metrics (pycocotools) of detections against ground truth")
-    s.add_argument("--annotations", required=True, help="ground truth COCO JSON (val.coco.json)")
-    s.add_argument("--detections", required=True)
+    s.add_argument("--annotations", help="ground truth COCO JSON (val.coco.json)")
+    s.add_argument("--detections", help="COCO results JSON")
+    s.add_argument("--model-dir", help="instead of --detections: predict with this model ...")
+    s.add_argument("--data", help="... on the val split of this TFRecord folder")
     s.add_argument("--out", required=True)
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 

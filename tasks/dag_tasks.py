@@ -128,16 +128,12 @@ def train(context: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(context: dict[str, Any]) -> dict[str, Any]:
-    from tasks.evaluate import evaluate as run_eval
-    from tasks.predict import predict
+    from tasks.predict import evaluate_model
 
     run = run_dir(context)
     data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
     _require(run / "train" / "train_summary.json", "a trained model", "train")
-    out = run / "evaluate"
-    out.mkdir(parents=True, exist_ok=True)
-    predict(run / "train", out / "detections.json", data=data)
-    metrics = run_eval(data / "val.coco.json", out / "detections.json", out)
+    metrics = evaluate_model(run / "train", data, run / "evaluate")
     keys = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU", "DetectionBoxes_Precision/mAP@.75IOU")
     return {k: metrics[k] for k in keys if k in metrics}
 

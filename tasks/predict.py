@@ -84,3 +84,22 @@ def predict(model_dir: str | Path, out: str | Path, *, data: str | Path | None =
     write_json_atomic(out, results, indent=None)
     log.info("predict: %d detections on %d images -> %s", len(results), progress.done, out)
     return results
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path) -> dict[str, Any]:
+    """Predict the val split of a TFRecord folder and evaluate it against ``val.coco.json``.
+
+    ``OUT`` gets ``metrics.json`` and the rest of ``personcar evaluate``'s outputs, with the
+    detections as ``OUT/detections.json``.
+    """
+    import tempfile
+
+    from tasks.evaluate import evaluate
+
+    gt = Path(data) / "val.coco.json"
+    if not gt.is_file():
+        raise PersoncarError(f"{gt} is missing: build the TFRecords first (`personcar tfrecords`)")
+    with tempfile.TemporaryDirectory(prefix="personcar-predict-") as tmp:
+        detections = Path(tmp) / "detections.json"
+        predict(model_dir, detections, data=data)
+        return evaluate(gt, detections, out)

@@ -1,0 +1,468 @@
+"""COCO evaluation of a detections file against the val split's ground truth.
+
+``personcar evaluate --annotations GT.json --detections DET.json --out DIR`` writes:
+
+- ``OUT/metrics.json``: pycocotools ``COCOeval`` results under the TensorFlow Object Detection
+  API's metric names (``DetectionBoxes_Precision/mAP``, ``.../mAP@.50IOU``, ...), AP per class
+  (``DetectionBoxes_PerformanceByCategory/mAP/<class>``) and AP per class at IoU .50 and .75
+  (``DetectionBoxes_PerformanceByCategory/mAP@.50IOU/<class>``, ``.../mAP@.75IOU/<class>``).
+  A value of -1 is COCO's "no ground truth in this bucket".
+- ``OUT/pr_curves.json``: per class, the interpolated precision at COCO's 101 recall thresholds
+  (``COCOeval.eval['precision']``, all areas, 100 detections) at IoU .50 and .75.
+- ``OUT/error_analysis.json``: detections scoring at least ``score_threshold`` are matched to the
+  ground truth greedily by score (same class, IoU >= ``iou_match``, as COCO does); each false
+  positive gets the first type that applies, in this order:
+
+  1. ``duplicate``: IoU >= ``iou_match`` with a same-class box already matched by a higher score;
+  2. ``confusion``: IoU >= ``iou_match`` with a box of another class (person <-> car);
+  3. ``localisation``: IoU in [0.1, ``iou_match``) with a same-class box;
+  4. ``background``: none of the above.
+
+  Missed boxes (false negatives) are counted by COCO size bucket of their pixel ``area``
+  (small < 32^2 <= medium < 96^2 <= large), and images are ranked by error count (FP + FN).
+- ``OUT/detections.json``: a byte copy of the evaluated detections, so the folder is complete
+  on its own (the report draws samples from it).
+
+COCO metrics use every detection; only the error analysis applies the score threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import atomic_dir, write_json_atomic
+from tasks.errors import PersoncarError
+from tasks.logs import log
+
+METRIC_PREFIX = "DetectionBoxes_Precision/"
+RECALL_PREFIX = "DetectionBoxes_Recall/"
+PER_CLASS_PREFIX = "DetectionBoxes_PerformanceByCategory/"
+
+# Order of COCOeval.stats for iouType "bbox".
+COCO_STAT_NAMES = (
+    "DetectionBoxes_Precision/mAP",
+    "DetectionBoxes_Precision/mAP@.50IOU",
+    "DetectionBoxes_Precision/mAP@.75IOU",
+    "DetectionBoxes_Precision/mAP (small)",
+    "DetectionBoxes_Precision/mAP (medium)",
+    "DetectionBoxes_Precision/mAP (large)",
+    "DetectionBoxes_Recall/AR@1",
+    "DetectionBoxes_Recall/AR@10",
+    "DetectionBoxes_Recall/AR@100",
+    "DetectionBoxes_Recall/AR@100 (small)",
+    "DetectionBoxes_Recall/AR@100 (medium)",
+    "DetectionBoxes_Recall/AR@100 (large)",
+)
+
+SIZE_BUCKETS = ("small", "medium", "large")
+FP_TYPES = ("localisation", "confusion", "duplicate", "background")
+LOCALISATION_MIN_IOU = 0.1
+
+
+def per_class_key(class_name: str, iou: str | None = None) -> str:
+    """``DetectionBoxes_PerformanceByCategory/mAP/<class>`` (``iou`` ``".50"`` or ``".75"``: at that IoU)."""
+    metric = "mAP" if iou is None else f"mAP@{iou}IOU"
+    return f"{PER_CLASS_PREFIX}{metric}/{class_name}"
+
+
+def size_bucket(area: float) -> str:
+    """COCO's size bucket of a pixel area."""
+    if area < 32**2:
+        return "small"
+    if area < 96**2:
+        return "medium"
+    return "large"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise PersoncarError(f"{path}: {what} file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_ground_truth(path: str | Path) -> dict[str, Any]:
+    """Read and check a COCO ground-truth file; areas must be in pixels."""
+    path = Path(path)
+    gt = _load_json(path, "ground truth")
+    if not isinstance(gt, dict):
+        raise PersoncarError(f"{path}: ground truth must be a COCO object with images, annotations, categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise PersoncarError(f"{path}: ground truth has no '{key}' list (COCO format required)")
+    if not gt["categories"]:
+        raise PersoncarError(f"{path}: ground truth has no categories")
+    image_ids = set()
+    for i, img in enumerate(gt["images"]):
+        if not isinstance(img, dict) or "id" not in img:
+            raise PersoncarError(f"{path}: images[{i}] has no 'id'")
+        image_ids.add(img["id"])
+    cat_ids = {c.get("id") for c in gt["categories"] if isinstance(c, dict)}
+    for i, ann in enumerate(gt["annotations"]):
+        ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
+        if not isinstance(ann, dict):
+            raise PersoncarError(f"{path}: annotations[{i}] is not an object")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise PersoncarError(f"{path}: annotation id {ann_id} has no valid bbox [x, y, w, h]")
+        if not _is_number(ann.get("area")):
+            raise PersoncarError(
+                f"{path}: annotation id {ann_id} has no numeric 'area'; COCO size buckets need "
+                "pixel areas (w*h)")
+        if ann.get("image_id") not in image_ids:
+            raise PersoncarError(f"{path}: annotation id {ann_id} refers to unknown image_id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cat_ids:
+            raise PersoncarError(
+                f"{path}: annotation id {ann_id} refers to unknown category_id {ann.get('category_id')!r}")
+        if "id" not in ann:
+            raise PersoncarError(f"{path}: annotations[{i}] has no 'id'")
+    _check_pixel_areas(path, gt["annotations"])
+    return gt
+
+
+def _check_pixel_areas(path: Path, anns: list[dict[str, Any]]) -> None:
+    """Refuse areas given as fractions of the image (the openimages-personcar defect)."""
+    if not anns or not all(a["area"] <= 1.0 for a in anns):
+        return
+    big = [a for a in anns if a["bbox"][2] * a["bbox"][3] > 1.0]
+    if not big:
+        return
+    a = max(big, key=lambda a: a["bbox"][2] * a["bbox"][3])
+    w, h = a["bbox"][2], a["bbox"][3]
+    raise PersoncarError(
+        f"{path}: annotation areas look like fractions of the image, not pixels (all {len(anns)} "
+        f"areas <= 1.0, e.g. annotation id {a.get('id')} has area {a['area']:.4g} for a {w:g}x{h:g} px "
+        "box); COCO would file every box as small and report -1 for medium/large: recompute "
+        "'area' as w*h in pixels (the tfrecords stage's val.coco.json does)")
+
+
+def load_detections(path: str | Path, gt: dict[str, Any], gt_path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a COCO results file against the ground truth's images and categories."""
+    path = Path(path)
+    dets = _load_json(path, "detections")
+    if not isinstance(dets, list):
+        raise PersoncarError(
+            f"{path}: detections must be a JSON list of {{image_id, category_id, bbox, score}}")
+    image_ids = {img["id"] for img in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    out = []
+    for i, d in enumerate(dets):
+        if not isinstance(d, dict):
+            raise PersoncarError(f"{path}: detection #{i} is not an object")
+        if d.get("image_id") not in image_ids:
+            raise PersoncarError(
+                f"{path}: detection #{i} refers to image_id {d.get('image_id')!r}, which is not in "
+                f"the ground truth {gt_path}")
+        if d.get("category_id") not in cat_ids:
+            raise PersoncarError(
+                f"{path}: detection #{i} has category_id {d.get('category_id')!r}, not one of the "
+                f"ground truth's categories {sorted(cat_ids)}")
+        bbox = d.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+                and bbox[2] >= 0 and bbox[3] >= 0):
+            raise PersoncarError(f"{path}: detection #{i} has no valid bbox [x, y, w, h] (pixels, w, h >= 0)")
+        if not _is_number(d.get("score")):
+            raise PersoncarError(f"{path}: detection #{i} has no numeric score")
+        out.append({"image_id": d["image_id"], "category_id": d["category_id"],
+                    "bbox": [float(v) for v in bbox], "score": float(d["score"])})
+    return out
+
+
+# --------------------------------------------------------------------------- COCO metrics
+
+
+def _coco_objects(gt: dict[str, Any], dets: list[dict[str, Any]]):
+    """pycocotools COCO objects for the ground truth and the results (what ``COCO.loadRes`` builds,
+    but also for an empty results list, which ``loadRes`` cannot take)."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        anns = []
+        for i, d in enumerate(dets):
+            x, y, w, h = d["bbox"]
+            anns.append({**d, "bbox": [x, y, w, h], "area": w * h, "id": i + 1, "iscrowd": 0})
+        coco_dt.dataset = {"images": list(gt["images"]), "categories": list(gt["categories"]),
+                           "annotations": anns}
+        coco_dt.createIndex()
+    return coco_gt, coco_dt
+
+
+def _mean_valid(a) -> float:
+    import numpy as np
+
+    v = a[a > -1]
+    return float(np.mean(v)) if v.size else -1.0
+
+
+def run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]]):
+    """Run COCOeval (bbox); returns the evaluated ``COCOeval`` object."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt, coco_dt = _coco_objects(gt, dets)
+    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    for line in buf.getvalue().splitlines():
+        if line.strip().startswith("Average"):
+            log.info("COCO %s", line.strip())
+    return ev
+
+
+def _iou_index(ev, iou: float) -> int:
+    import numpy as np
+
+    idx = np.where(np.isclose(ev.params.iouThrs, iou))[0]
+    if not idx.size:
+        raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds")
+    return int(idx[0])
+
+
+def metrics_from_eval(ev, categories: list[dict[str, Any]]) -> dict[str, float]:
+    """OD API metric names from an evaluated COCOeval, plus AP per class (overall, .50, .75)."""
+    metrics = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats)}
+    precision = ev.eval["precision"]  # [T, R, K, A, M]
+    area_all = ev.params.areaRngLbl.index("all")
+    max_det = len(ev.params.maxDets) - 1  # 100
+    t50, t75 = _iou_index(ev, 0.5), _iou_index(ev, 0.75)
+    cat_index = {cid: k for k, cid in enumerate(ev.params.catIds)}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+    for cid in sorted(names):
+        k = cat_index[cid]
+        p = precision[:, :, k, area_all, max_det]
+        metrics[per_class_key(names[cid])] = _mean_valid(p)
+    for iou, t in ((".50", t50), (".75", t75)):
+        for cid in sorted(names):
+            k = cat_index[cid]
+            metrics[per_class_key(names[cid], iou)] = _mean_valid(precision[t, :, k, area_all, max_det])
+    return metrics
+
+
+def pr_curves_from_eval(ev, categories: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per class precision at COCO's recall thresholds, at IoU .50 and .75 (all areas, 100 dets)."""
+    precision, recall, scores = ev.eval["precision"], ev.eval["recall"], ev.eval["scores"]
+    area_all = ev.params.areaRngLbl.index("all")
+    max_det = len(ev.params.maxDets) - 1
+    cat_index = {cid: k for k, cid in enumerate(ev.params.catIds)}
+    out: dict[str, Any] = {
+        "recall_thresholds": [round(float(r), 6) for r in ev.params.recThrs],
+        "area": "all",
+        "max_detections": int(ev.params.maxDets[max_det]),
+        "classes": {},
+    }
+    for c in sorted(categories, key=lambda c: c["id"]):
+        k = cat_index[c["id"]]
+        entry: dict[str, Any] = {"category_id": c["id"]}
+        for label, iou in (("iou_0.50", 0.5), ("iou_0.75", 0.75)):
+            t = _iou_index(ev, iou)
+            p = precision[t, :, k, area_all, max_det]
+            has_gt = bool((p > -1).any())
+            entry[label] = {
+                "iou": iou,
+                "has_ground_truth": has_gt,
+                "ap": _mean_valid(p),
+                "max_recall": float(recall[t, k, area_all, max_det]) if has_gt else -1.0,
+                "precision": [float(v) for v in p] if has_gt else [],
+                "recall": out["recall_thresholds"] if has_gt else [],
+                "scores": [float(v) for v in scores[t, :, k, area_all, max_det]] if has_gt else [],
+            }
+        out["classes"][str(c.get("name", c["id"]))] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- error analysis
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ax2, ay2 = a[0] + a[2], a[1] + a[3]
+    bx2, by2 = b[0] + b[2], b[1] + b[3]
+    iw = min(ax2, bx2) - max(a[0], b[0])
+    ih = min(ay2, by2) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def error_analysis(gt: dict[str, Any], dets: list[dict[str, Any]], *, iou_match: float = 0.5,
+                   score_threshold: float = 0.3, worst_k: int = 10) -> dict[str, Any]:
+    """Classify false positives and false negatives of the detections scoring >= ``score_threshold``."""
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
+    images = {img["id"]: img for img in gt["images"]}
+    gts_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for a in gt["annotations"]:
+        gts_by_image[a["image_id"]].append(a)
+    dets_by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    n_below = 0
+    for i, d in enumerate(dets):
+        if d["score"] >= score_threshold:
+            dets_by_image[d["image_id"]].append((i, d))
+        else:
+            n_below += 1
+
+    fp = {n: Counter() for n in names.values()}
+    tp = Counter()
+    fn = {n: Counter() for n in names.values()}
+    gt_by_size = {n: Counter() for n in names.values()}
+    ignored = 0
+    per_image = []
+    for image_id in sorted(images, key=lambda i: (str(type(i)), i)):
+        gts = gts_by_image.get(image_id, [])
+        real = [g for g in gts if not g.get("iscrowd", 0)]
+        crowd = [g for g in gts if g.get("iscrowd", 0)]
+        matched: set[int] = set()
+        img_fp, img_fn, img_tp = Counter(), Counter(), 0
+        # Highest score first; ties keep file order (stable sort), as COCOeval does.
+        for _, d in sorted(dets_by_image.get(image_id, []), key=lambda t: -t[1]["score"]):
+            cname = names[d["category_id"]]
+            same = [(j, _iou(d["bbox"], g["bbox"])) for j, g in enumerate(real)
+                    if g["category_id"] == d["category_id"]]
+            free = [(j, v) for j, v in same if j not in matched and v >= iou_match]
+            if free:
+                j = max(free, key=lambda t: (t[1], -t[0]))[0]
+                matched.add(j)
+                tp[cname] += 1
+                img_tp += 1
+                continue
+            if any(_iou(d["bbox"], g["bbox"]) >= iou_match for g in crowd
+                   if g["category_id"] == d["category_id"]):
+                ignored += 1
+                continue
+            if any(j in matched and v >= iou_match for j, v in same):
+                kind = "duplicate"
+            elif any(g["category_id"] != d["category_id"] and _iou(d["bbox"], g["bbox"]) >= iou_match
+                     for g in real):
+                kind = "confusion"
+            elif any(LOCALISATION_MIN_IOU <= v < iou_match for _, v in same):
+                kind = "localisation"
+            else:
+                kind = "background"
+            fp[cname][kind] += 1
+            img_fp[kind] += 1
+        for j, g in enumerate(real):
+            cname = names[g["category_id"]]
+            bucket = size_bucket(float(g["area"]))
+            gt_by_size[cname][bucket] += 1
+            if j not in matched:
+                fn[cname][bucket] += 1
+                img_fn[bucket] += 1
+        n_err = sum(img_fp.values()) + sum(img_fn.values())
+        if n_err:
+            img = images[image_id]
+            per_image.append({
+                "image_id": image_id,
+                "file_name": str(img.get("file_name", image_id)),
+                "errors": n_err,
+                "false_positives": sum(img_fp.values()),
+                "false_negatives": sum(img_fn.values()),
+                "true_positives": img_tp,
+                "false_positives_by_type": {k: img_fp[k] for k in FP_TYPES},
+                "false_negatives_by_size": {k: img_fn[k] for k in SIZE_BUCKETS},
+            })
+    per_image.sort(key=lambda r: (-r["errors"], r["file_name"], str(r["image_id"])))
+
+    def total(counter_by_class: dict[str, Counter], keys: tuple[str, ...]) -> dict[str, int]:
+        return {k: sum(c[k] for c in counter_by_class.values()) for k in keys}
+
+    return {
+        "score_threshold": score_threshold,
+        "iou_match": iou_match,
+        "localisation_min_iou": LOCALISATION_MIN_IOU,
+        "detections_considered": len(dets) - n_below,
+        "detections_below_threshold": n_below,
+        "detections_ignored_crowd": ignored,
+        "true_positives": {"total": sum(tp.values()), "by_class": {n: tp[n] for n in names.values()}},
+        "false_positives": {
+            "total": sum(sum(c.values()) for c in fp.values()),
+            "by_type": total(fp, FP_TYPES),
+            "by_class": {n: {k: fp[n][k] for k in FP_TYPES} for n in names.values()},
+        },
+        "false_negatives": {
+            "total": sum(sum(c.values()) for c in fn.values()),
+            "by_size": total(fn, SIZE_BUCKETS),
+            "by_class": {n: {k: fn[n][k] for k in SIZE_BUCKETS} for n in names.values()},
+            "ground_truth_by_size": total(gt_by_size, SIZE_BUCKETS),
+            "ground_truth_by_class": {n: {k: gt_by_size[n][k] for k in SIZE_BUCKETS}
+                                      for n in names.values()},
+        },
+        "worst_images": per_image[:max(worst_k, 0)],
+    }
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def evaluate(annotations: str | Path, detections: str | Path, out: str | Path, *,
+             iou_match: float = 0.5, worst_k: int = 10, score_threshold: float = 0.3) -> dict[str, Any]:
+    """Evaluate COCO results against COCO ground truth (pixel areas); write OUT/metrics.json,
+    OUT/pr_curves.json, OUT/error_analysis.json and OUT/detections.json atomically.
+
+    Returns ``{"out", "metrics", "files", "num_images", "num_ground_truth", "num_detections"}``.
+    """
+    annotations, detections, out = Path(annotations), Path(detections), Path(out)
+    if not 0.0 < iou_match <= 1.0:
+        raise PersoncarError(f"iou_match must be in (0, 1], got {iou_match}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise PersoncarError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    gt = load_ground_truth(annotations)
+    dets = load_detections(detections, gt, annotations)
+    log.info("evaluating %d detections on %d images (%d ground-truth boxes) from %s",
+             len(dets), len(gt["images"]), len(gt["annotations"]), annotations)
+    if not dets:
+        log.warning("%s: no detections; every metric is 0", detections)
+
+    ev = run_cocoeval(gt, dets)
+    metrics = metrics_from_eval(ev, gt["categories"])
+    curves = pr_curves_from_eval(ev, gt["categories"])
+    errors = error_analysis(gt, dets, iou_match=iou_match, score_threshold=score_threshold,
+                            worst_k=worst_k)
+    errors["num_images"] = len(gt["images"])
+
+    # The detections may live inside OUT (predict writes there); copy them aside before OUT is replaced.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.det-", dir=out.parent) as td:
+        det_copy = Path(td) / "detections.json"
+        shutil.copyfile(detections, det_copy)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "metrics.json", metrics)
+            write_json_atomic(tmp / "pr_curves.json", curves)
+            write_json_atomic(tmp / "error_analysis.json", errors)
+            shutil.copyfile(det_copy, tmp / "detections.json")
+    log.info("mAP %.4f, mAP@.50IOU %.4f, mAP@.75IOU %.4f; %d false positives, %d false negatives "
+             "at score >= %.2f -> %s", metrics[COCO_STAT_NAMES[0]], metrics[COCO_STAT_NAMES[1]],
+             metrics[COCO_STAT_NAMES[2]], errors["false_positives"]["total"],
+             errors["false_negatives"]["total"], score_threshold, out)
+    return {
+        "out": str(out),
+        "metrics": metrics,
+        "files": {name: str(out / f"{name}.json")
+                  for name in ("metrics", "pr_curves", "error_analysis", "detections")},
+        "num_images": len(gt["images"]),
+        "num_ground_truth": len(gt["annotations"]),
+        "num_detections": len(dets),
+    }

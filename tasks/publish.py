@@ -1,0 +1,538 @@
+"""Publish a run's report folder to S3 (or a local folder) and keep the index of runs.
+
+Layout under a destination ``DEST`` (``s3://bucket/prefix``, ``file:///path`` or a path)::
+
+    DEST/runs.json              index of published runs (a JSON list, oldest first)
+    DEST/<run id>/...           the run's files: report.html, report.md, metrics.json, PNGs, ...
+    DEST/latest/...             copies of the last promoted run's files
+    DEST/latest/pointer.json    which run ``latest/`` holds; written last (see below)
+
+An index entry is ``{"run_id", "published_at", "metrics": {"mAP", "mAP@.50IOU", "mAP@.75IOU"},
+"promoted", "report": "<run id>/report.html", "gate": {...}}`` with ``report`` relative to DEST.
+
+Concurrency: publishes of different runs may run at the same time (parallel DAG runs, backfills).
+``runs.json`` is updated by optimistic concurrency: read it with its ETag, change it, and write it
+back only if it is unchanged (S3 conditional writes: ``IfMatch=<etag>``, or ``IfNoneMatch='*'`` when
+creating it); on a conflict, re-read and try again (bounded, with jittered backoff). A server that
+rejects conditional writes as not implemented gets a read-modify-write with an ETag check before
+and a read-back after. Local destinations take an exclusive ``fcntl`` lock on a lock file beside
+the index and replace it by an atomic rename.
+
+Idempotency: publishing the same run again mirrors its folder (no stale or duplicated files) and
+replaces its index entry in place.
+
+Quality gate and ``latest/``: a run is promoted when its gate metric (default
+``DetectionBoxes_Precision/mAP@.50IOU``) beats the last promoted run in the index by more than the
+gate's margin (the first run: when the metric is above 0). The decision is made inside the index
+update, so concurrent publishes see each other. A promoted run's files are then copied to
+``latest/`` and ``latest/pointer.json`` is written LAST: a failure part-way leaves the previous
+``pointer.json`` in place, so readers that go through ``pointer.json`` (which names the run, its
+immutable run folder and each file's SHA-256) never see a half-written ``latest/``; publishing the
+run again completes it. Files that the new run does not have are removed from ``latest/`` only
+after the pointer moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tasks import storage
+from tasks.artifacts import atomic_dir, safe_run_id, sha256_file, write_json_atomic
+from tasks.errors import PersoncarError
+from tasks.logs import log
+
+INDEX_NAME = "runs.json"
+LATEST_DIR = "latest"
+POINTER_NAME = "pointer.json"
+LOCK_NAME = ".runs.json.lock"
+
+#: Short names kept in the index, and the OD API metric each one comes from.
+INDEX_METRICS = {
+    "mAP": "DetectionBoxes_Precision/mAP",
+    "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
+    "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU",
+}
+DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": 0.0}
+
+#: Attempts at a conflicting index update before giving up.
+MAX_INDEX_ATTEMPTS = 40
+
+_RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME}
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def publish(
+    src: str | Path,
+    dest: str,
+    *,
+    run_id: str,
+    endpoint_url: str | None = None,
+    client: Any = None,
+    gate: dict | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> dict:
+    """Publish the report folder ``src`` as run ``run_id`` under ``dest``.
+
+    Uploads every file of ``src`` (report.html, report.md, metrics.json, PNGs, anything else) plus
+    ``extra_files`` (``{"name in the run folder": local file or folder}``, e.g. the validation
+    summary or the exported model) to ``<dest>/<run id>/`` with content types, updates
+    ``<dest>/runs.json``, applies the quality ``gate`` (``{"metric": OD API name, "margin": float}``,
+    default :data:`DEFAULT_GATE`) and, when promoted, refreshes ``<dest>/latest/``. See the module
+    docstring for the concurrency and ``latest/`` guarantees.
+
+    ``client`` is an S3 client to use (the Airflow task passes its S3 hook's); otherwise one is made
+    with plain boto3 for ``endpoint_url``.
+
+    Returns ``{"run_id", "uri", "report_url", "promoted", "previous_promoted_run", "files", "gate",
+    "latest", "entry"}``: ``uri`` is the run folder, ``report_url`` the published ``report.html``
+    (``s3://`` or ``file://``), ``previous_promoted_run`` the run id the gate compared against.
+    """
+    if storage.is_remote(src):
+        raise PersoncarError(f"{src}: the report folder to publish must be local (a path or file:// URI)")
+    src = storage.local_path(src)
+    if not src.is_dir():
+        raise PersoncarError(f"{src}: report folder to publish does not exist")
+    run = safe_run_id(run_id)
+    if run in _RESERVED:
+        raise PersoncarError(f"run id {run_id!r} is reserved at the publish destination")
+    dest = normalize_dest(dest)
+    gate = _check_gate(gate)
+    files = _collect_files(src, extra_files or {})
+    if not files:
+        raise PersoncarError(f"{src}: report folder is empty, nothing to publish")
+    names = [rel for rel, _ in files]
+    metrics_file = dict(files).get("metrics.json")
+    all_metrics = _read_metrics(metrics_file) if metrics_file else {}
+    if metrics_file is None:
+        log.warning("%s: no metrics.json; the run is indexed without metrics and cannot be promoted", src)
+    report_rel = "report.html" if "report.html" in names else next(
+        (n for n in names if n.endswith(".html")), None)
+
+    if storage.is_remote(dest):
+        client = client if client is not None else storage.s3_client(endpoint_url)
+    run_uri = storage.join_uri(dest, run)
+
+    # 1. The run folder, mirrored (re-publishing leaves exactly one copy).
+    log.info("publishing %d files from %s to %s/", len(files), src, run_uri)
+    if storage.is_remote(dest):
+        storage.upload_files(files, run_uri, client=client, delete=True)
+    else:
+        with atomic_dir(storage.local_path(run_uri)) as tmp:
+            for rel, path in files:
+                storage.copy_file_atomic(path, tmp / rel)
+
+    # 2. The index entry, with the gate decided against the index as it is at write time.
+    gate_value = _metric_value(all_metrics, gate["metric"])
+    decided: dict[str, Any] = {}
+
+    def change(entries: list[dict]) -> list[dict]:
+        others = [e for e in entries if e.get("run_id") != run]
+        previous = last_promoted(others)
+        baseline = _entry_metric(previous, gate["metric"]) if previous else None
+        promoted = _passes(gate_value, baseline, gate["margin"], first=previous is None)
+        entry = {
+            "run_id": run,
+            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "metrics": _index_metrics(all_metrics, gate["metric"]),
+            "promoted": promoted,
+            "report": f"{run}/{report_rel}" if report_rel else None,
+            "gate": {
+                "metric": gate["metric"],
+                "margin": gate["margin"],
+                "value": gate_value,
+                "baseline_run_id": previous.get("run_id") if previous else None,
+                "baseline_value": baseline,
+            },
+        }
+        decided.update(entry=entry, previous=previous)
+        positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]
+        if positions:
+            new = [e for i, e in enumerate(entries) if i not in positions[1:]]
+            new[positions[0]] = entry
+            return new
+        return [*entries, entry]
+
+    update_index(dest, change, client=client)
+    entry, previous = decided["entry"], decided["previous"]
+    log.info("run %s indexed in %s: %s %s (baseline %s from %s, margin %s) -> %s", run,
+             storage.join_uri(dest, INDEX_NAME), gate["metric"], _fmt(gate_value),
+             _fmt(entry["gate"]["baseline_value"]), entry["gate"]["baseline_run_id"] or "no promoted run",
+             gate["margin"], "promoted" if entry["promoted"] else "not promoted")
+
+    # 3. latest/, pointer last.
+    latest_uri = None
+    if entry["promoted"]:
+        latest_uri = _update_latest(dest, run, entry, files, client=client)
+
+    return {
+        "run_id": run,
+        "uri": f"{run_uri}/",
+        "report_url": storage.join_uri(run_uri, report_rel) if report_rel else None,
+        "promoted": entry["promoted"],
+        "previous_promoted_run": previous.get("run_id") if previous else None,
+        "files": names,
+        "gate": entry["gate"],
+        "latest": latest_uri,
+        "entry": entry,
+    }
+
+
+def load_index(dest: str, *, endpoint_url: str | None = None, client: Any = None) -> list[dict]:
+    """The entries of ``<dest>/runs.json`` (oldest first); ``[]`` when nothing is published yet."""
+    dest = normalize_dest(dest)
+    uri = storage.join_uri(dest, INDEX_NAME)
+    if storage.is_remote(dest):
+        client = client if client is not None else storage.s3_client(endpoint_url)
+    raw = storage.read_bytes(uri, client=client)
+    return _parse_index(raw, uri)
+
+
+def previous_run(dest: str, *, endpoint_url: str | None = None, client: Any = None,
+                 exclude: str | None = None) -> dict | None:
+    """The last promoted run's index entry (with its ``metrics``), or ``None``.
+
+    The report uses it for its "previous published run" column; ``exclude`` skips a run id (the run
+    being reported, if it was published before).
+    """
+    entries = load_index(dest, endpoint_url=endpoint_url, client=client)
+    if exclude is not None:
+        skip = safe_run_id(exclude)
+        entries = [e for e in entries if e.get("run_id") != skip]
+    return last_promoted(entries)
+
+
+def load_pointer(dest: str, *, endpoint_url: str | None = None, client: Any = None) -> dict | None:
+    """``<dest>/latest/pointer.json``: which run ``latest/`` holds, or ``None``."""
+    dest = normalize_dest(dest)
+    uri = storage.join_uri(dest, LATEST_DIR, POINTER_NAME)
+    if storage.is_remote(dest):
+        client = client if client is not None else storage.s3_client(endpoint_url)
+    raw = storage.read_bytes(uri, client=client)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise PersoncarError(f"{uri}: not valid JSON ({exc})") from exc
+
+
+def last_promoted(entries: list[dict]) -> dict | None:
+    """The last entry (in index order) with ``promoted`` true."""
+    for entry in reversed(entries):
+        if entry.get("promoted"):
+            return entry
+    return None
+
+
+def normalize_dest(dest: str | os.PathLike[str]) -> str:
+    """``s3://bucket/prefix`` as given, local destinations as an absolute ``file://`` URI."""
+    text = str(dest).strip()
+    if not text:
+        raise PersoncarError("publish destination is empty")
+    if storage.is_remote(text):
+        storage.split_s3(text)
+        return text.rstrip("/")
+    return storage.local_path(text).expanduser().resolve().as_uri()
+
+
+# --------------------------------------------------------------------------------------------------
+# runs.json: optimistic concurrency on S3, a file lock locally
+# --------------------------------------------------------------------------------------------------
+
+
+def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, client: Any = None,
+                 endpoint_url: str | None = None) -> list[dict]:
+    """Apply ``change`` to the entries of ``<dest>/runs.json`` without losing concurrent updates.
+
+    ``change`` gets the current entries and returns the new ones; it may be called several times
+    (once per attempt) and must not have other side effects. Returns the entries written.
+    """
+    dest = normalize_dest(dest)
+    if storage.is_remote(dest):
+        client = client if client is not None else storage.s3_client(endpoint_url)
+        return _update_index_s3(dest, change, client)
+    return _update_index_local(storage.local_path(dest), change)
+
+
+def _parse_index(raw: bytes | None, uri: str) -> list[dict]:
+    if raw is None:
+        return []
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise PersoncarError(f"{uri}: not valid JSON ({exc}); fix or remove it") from exc
+    if isinstance(data, dict) and isinstance(data.get("runs"), list):
+        data = data["runs"]
+    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+        raise PersoncarError(f"{uri}: expected a JSON list of run entries")
+    return data
+
+
+def _dump_index(entries: list[dict]) -> bytes:
+    return (json.dumps(entries, indent=2) + "\n").encode("utf-8")
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+
+
+def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], client: Any) -> list[dict]:
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = storage.split_s3(dest)
+    key = f"{prefix}/{INDEX_NAME}" if prefix else INDEX_NAME
+    uri = f"s3://{bucket}/{key}"
+    endpoint = storage._endpoint_of(client)
+    conditional = True
+    for attempt in range(MAX_INDEX_ATTEMPTS):
+        with storage.translate_errors(bucket=bucket, key=key, action="read", endpoint_url=endpoint):
+            try:
+                obj = client.get_object(Bucket=bucket, Key=key)
+                etag, raw = obj["ETag"], obj["Body"].read()
+            except ClientError as exc:
+                if storage.error_code(exc) not in ("NoSuchKey", "404"):
+                    raise
+                etag, raw = None, None
+        entries = change(_parse_index(raw, uri))
+        body = _dump_index(entries)
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            with storage.translate_errors(bucket=bucket, key=key, action="write", endpoint_url=endpoint):
+                try:
+                    if conditional:
+                        client.put_object(Bucket=bucket, Key=key, Body=body,
+                                          ContentType="application/json", **cond)
+                    elif _etag_unchanged(client, bucket, key, etag):
+                        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+                        if _read_back_matches(client, bucket, key, body):
+                            return entries
+                        raise _Conflict
+                    else:
+                        raise _Conflict
+                except ClientError as exc:
+                    code, status = storage.error_code(exc), storage.http_status(exc)
+                    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                        raise _Conflict from exc
+                    if conditional and (code == "NotImplemented" or status == 501):
+                        log.warning("%s: the S3 server does not support conditional writes; "
+                                    "falling back to read-modify-write with ETag checks", uri)
+                        conditional = False
+                        raise _Conflict from exc
+                    raise
+            return entries
+        except _Conflict:
+            log.debug("%s changed while updating it (attempt %d); retrying", uri, attempt + 1)
+            _backoff(attempt)
+    raise PersoncarError(f"{uri}: could not update the index after {MAX_INDEX_ATTEMPTS} attempts: "
+                         "other publishers kept changing it")
+
+
+class _Conflict(Exception):
+    """The index changed between our read and our write."""
+
+
+def _etag_unchanged(client: Any, bucket: str, key: str, etag: str | None) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        current = client.head_object(Bucket=bucket, Key=key)["ETag"]
+    except ClientError as exc:
+        if storage.error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+            return etag is None
+        raise
+    return current == etag
+
+
+def _read_back_matches(client: Any, bucket: str, key: str, body: bytes) -> bool:
+    time.sleep(0.05)
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]]) -> list[dict]:
+    index = root / INDEX_NAME
+    with _file_lock(root / LOCK_NAME):
+        raw = index.read_bytes() if index.exists() else None
+        entries = change(_parse_index(raw, index.as_uri()))
+        write_json_atomic(index, entries)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------
+# latest/
+# --------------------------------------------------------------------------------------------------
+
+
+def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path]], *, client: Any) -> str:
+    latest_uri = storage.join_uri(dest, LATEST_DIR)
+    # A later run promoted meanwhile owns latest/: leave it alone.
+    if _superseded(dest, run, client):
+        log.info("run %s was promoted but a later run already holds %s/; leaving it", run, latest_uri)
+        return latest_uri + "/"
+    payload = [(rel, path) for rel, path in files if rel != POINTER_NAME]
+    pointer = {
+        "run_id": run,
+        "published_at": entry["published_at"],
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": entry["metrics"],
+        "gate": entry["gate"],
+        "report": f"{LATEST_DIR}/{entry['report'].split('/', 1)[1]}" if entry.get("report") else None,
+        "run_uri": storage.join_uri(dest, run) + "/",
+        "files": {rel: sha256_file(path) for rel, path in payload},
+    }
+    pointer_bytes = (json.dumps(pointer, indent=2) + "\n").encode("utf-8")
+    if storage.is_remote(dest):
+        storage.upload_files(payload, latest_uri, client=client, delete=False)
+        if _superseded(dest, run, client):
+            return latest_uri + "/"
+        bucket, prefix = storage.split_s3(latest_uri)
+        key = f"{prefix}/{POINTER_NAME}"
+        with storage.translate_errors(bucket=bucket, key=key, action="write",
+                                      endpoint_url=storage._endpoint_of(client)):
+            client.put_object(Bucket=bucket, Key=key, Body=pointer_bytes, ContentType="application/json")
+        keep = {f"{prefix}/{rel}" for rel, _ in payload} | {key}
+        stale = sorted(set(storage.list_objects(client, bucket, prefix)) - keep)
+        storage.delete_keys(client, bucket, stale)
+    else:
+        root = storage.local_path(latest_uri)
+        storage.upload_files(payload, latest_uri, delete=False, skip_unchanged=False)
+        if _superseded(dest, run, client):
+            return latest_uri + "/"
+        write_json_atomic(root / POINTER_NAME, pointer)
+        keep = {rel for rel, _ in payload} | {POINTER_NAME}
+        for rel, path in storage.list_files(root):
+            if rel not in keep:
+                path.unlink()
+    log.info("%s/ now holds run %s (pointer.json written last)", latest_uri, run)
+    return latest_uri + "/"
+
+
+def _superseded(dest: str, run: str, client: Any) -> bool:
+    """Whether the index's last promoted run is no longer ``run`` (a later promotion won)."""
+    current = last_promoted(load_index(dest, client=client))
+    return current is not None and current.get("run_id") != run
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_gate(gate: dict | None) -> dict[str, Any]:
+    merged = {**DEFAULT_GATE, **(gate or {})}
+    metric, margin = merged.get("metric"), merged.get("margin")
+    if not isinstance(metric, str) or not metric:
+        raise PersoncarError(f"quality gate: 'metric' must be a metric name, got {metric!r}")
+    try:
+        margin = float(margin)
+    except (TypeError, ValueError):
+        raise PersoncarError(f"quality gate: 'margin' must be a number, got {margin!r}") from None
+    if not math.isfinite(margin) or margin < 0:
+        raise PersoncarError(f"quality gate: 'margin' must be a finite number >= 0, got {margin!r}")
+    return {"metric": metric, "margin": margin}
+
+
+def _collect_files(src: Path, extra: dict[str, Path]) -> list[tuple[str, Path]]:
+    files = dict(storage.list_files(src))
+    for name, path in extra.items():
+        rel = storage._safe_rel(str(name), "extra_files")
+        path = Path(path)
+        if path.is_dir():
+            add = {f"{rel}/{sub}": p for sub, p in storage.list_files(path)}
+        elif path.is_file():
+            add = {rel: path}
+        else:
+            raise PersoncarError(f"{path}: extra file {name!r} to publish does not exist")
+        clash = sorted(set(add) & set(files))
+        if clash:
+            raise PersoncarError(f"{path}: extra file {clash[0]!r} clashes with a file of {src}")
+        files.update(add)
+    return sorted(files.items())
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PersoncarError(f"{path}: cannot read metrics ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PersoncarError(f"{path}: metrics.json must be a JSON object of metric names to values")
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _metric_value(metrics: dict[str, Any], name: str) -> float | None:
+    """A metric from metrics.json: top level, or under a nested "metrics" object."""
+    if name in metrics:
+        return _number(metrics[name])
+    nested = metrics.get("metrics")
+    if isinstance(nested, dict) and name in nested:
+        return _number(nested[name])
+    return None
+
+
+def short_name(metric: str) -> str:
+    """``DetectionBoxes_Precision/mAP@.50IOU`` -> ``mAP@.50IOU`` (the index's key)."""
+    for head in ("DetectionBoxes_Precision/", "DetectionBoxes_Recall/"):
+        if metric.startswith(head):
+            return metric[len(head):]
+    return metric
+
+
+def _index_metrics(metrics: dict[str, Any], gate_metric: str) -> dict[str, float | None]:
+    out = {short: _metric_value(metrics, full) for short, full in INDEX_METRICS.items()}
+    out.setdefault(short_name(gate_metric), _metric_value(metrics, gate_metric))
+    return out
+
+
+def _entry_metric(entry: dict, metric: str) -> float | None:
+    gate = entry.get("gate") or {}
+    if gate.get("metric") == metric and _number(gate.get("value")) is not None:
+        return _number(gate["value"])
+    return _number((entry.get("metrics") or {}).get(short_name(metric)))
+
+
+def _passes(value: float | None, baseline: float | None, margin: float, *, first: bool) -> bool:
+    if value is None:
+        return False
+    if first or baseline is None:
+        return value > 0
+    return value > baseline + margin
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,303 @@
+"""tasks.publish against a real S3 HTTP server (moto) on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks import publish as pub
+from tasks import storage
+from tasks.errors import PersoncarError
+
+MAP50 = "DetectionBoxes_Precision/mAP@.50IOU"
+
+
+def make_report(root: Path, map50: float, *, extra: dict[str, str] | None = None) -> Path:
+    """A report folder as the report stage writes it (html, md, metrics.json, a PNG)."""
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "DetectionBoxes_Precision/mAP": round(map50 * 0.5, 6),
+        MAP50: map50,
+        "DetectionBoxes_Precision/mAP@.75IOU": round(map50 * 0.3, 6),
+        "DetectionBoxes_Recall/AR@100": 0.5,
+    }
+    (root / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (root / "report.html").write_text(f"<!doctype html><title>{root.name}</title><p>{map50}</p>",
+                                      encoding="utf-8")
+    (root / "report.md").write_text(f"# {root.name}\nmAP@.50IOU {map50}\n", encoding="utf-8")
+    (root / "pr_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + root.name.encode())
+    for name, text in (extra or {}).items():
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+def keys_under(client, bucket: str, prefix: str) -> list[str]:
+    return sorted(k[len(prefix) + 1:] for k in storage.list_objects(client, bucket, prefix))
+
+
+def get_json(client, bucket: str, key: str):
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+@pytest.fixture()
+def s3(s3_bucket):
+    endpoint, bucket = s3_bucket
+    return storage.s3_client(endpoint), bucket, endpoint
+
+
+def test_publish_uploads_run_folder_with_content_types_and_index(s3, tmp_path):
+    client, bucket, endpoint = s3
+    src = make_report(tmp_path / "run1" / "report", 0.31)
+    validation = tmp_path / "validation.json"
+    validation.write_text('{"success": true}', encoding="utf-8")
+
+    result = pub.publish(src, f"s3://{bucket}/published", run_id="manual__2026-01-01T00:00:00+00:00",
+                         endpoint_url=endpoint, extra_files={"validation.json": validation})
+
+    run = "manual__2026-01-01T00_00_00_00_00"
+    assert result["run_id"] == run
+    assert result["uri"] == f"s3://{bucket}/published/{run}/"
+    assert result["report_url"] == f"s3://{bucket}/published/{run}/report.html"
+    assert result["promoted"] is True and result["previous_promoted_run"] is None
+    assert result["files"] == ["metrics.json", "pr_curve.png", "report.html", "report.md", "validation.json"]
+    assert keys_under(client, bucket, f"published/{run}") == result["files"]
+    types = {k: client.head_object(Bucket=bucket, Key=f"published/{run}/{k}")["ContentType"]
+             for k in result["files"]}
+    assert types == {
+        "metrics.json": "application/json",
+        "pr_curve.png": "image/png",
+        "report.html": "text/html; charset=utf-8",
+        "report.md": "text/markdown; charset=utf-8",
+        "validation.json": "application/json",
+    }
+    index = get_json(client, bucket, "published/runs.json")
+    assert len(index) == 1
+    entry = index[0]
+    assert entry["run_id"] == run and entry["promoted"] is True
+    assert entry["report"] == f"{run}/report.html"
+    assert entry["metrics"] == {"mAP": 0.155, "mAP@.50IOU": 0.31, "mAP@.75IOU": 0.093}
+    assert entry["published_at"].endswith("+00:00")
+    assert pub.load_index(f"s3://{bucket}/published", client=client) == index
+
+
+def test_publishing_the_same_run_twice_leaves_one_copy_and_one_entry(s3, tmp_path):
+    client, bucket, _ = s3
+    dest = f"s3://{bucket}/p"
+    pub.publish(make_report(tmp_path / "a", 0.2), dest, run_id="other", client=client)
+    src = make_report(tmp_path / "r", 0.3, extra={"old-plot.png": "x"})
+    first = pub.publish(src, dest, run_id="r1", client=client)
+    (src / "old-plot.png").unlink()
+    (src / "report.md").write_text("# r1 again\n", encoding="utf-8")
+    second = pub.publish(src, dest, run_id="r1", client=client)
+
+    assert keys_under(client, bucket, "p/r1") == ["metrics.json", "pr_curve.png", "report.html", "report.md"]
+    assert client.get_object(Bucket=bucket, Key="p/r1/report.md")["Body"].read() == b"# r1 again\n"
+    index = get_json(client, bucket, "p/runs.json")
+    assert [e["run_id"] for e in index] == ["other", "r1"]
+    assert first["promoted"] is True and second["promoted"] is True
+    assert second["previous_promoted_run"] == "other"
+
+
+def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
+    client, bucket, _ = s3
+    dest = f"s3://{bucket}/concurrent"
+    n = 8
+    values = [0.10, 0.35, 0.20, 0.40, 0.05, 0.38, 0.50, 0.45]
+    srcs = [make_report(tmp_path / f"run{i}", values[i]) for i in range(n)]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = pub.publish(srcs[i], dest, run_id=f"run{i}", client=client)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    index = get_json(client, bucket, "concurrent/runs.json")
+    assert sorted(e["run_id"] for e in index) == sorted(f"run{i}" for i in range(n))
+    # Every gate decision was made against the index as it stood at write time: replaying the index
+    # in order gives the same promoted flags.
+    best = None
+    for entry in index:
+        value = entry["metrics"]["mAP@.50IOU"]
+        expect = value > 0 if best is None else value > best
+        assert entry["promoted"] is expect, entry
+        assert results[int(entry["run_id"][3:])]["promoted"] is expect
+        if expect:
+            best = value
+    pointer = get_json(client, bucket, "concurrent/latest/pointer.json")
+    assert pointer["run_id"] == pub.last_promoted(index)["run_id"]
+    for rel, digest in pointer["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"concurrent/latest/{rel}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest, rel
+
+
+def test_quality_gate_promotion_and_latest_pointer(s3, tmp_path):
+    client, bucket, _ = s3
+    dest = f"s3://{bucket}/gate"
+    gate = {"metric": MAP50, "margin": 0.01}
+
+    r1 = pub.publish(make_report(tmp_path / "r1", 0.30, extra={"only-in-r1.txt": "x"}), dest,
+                     run_id="r1", client=client, gate=gate)
+    assert r1["promoted"] is True and r1["latest"] == f"{dest}/latest/"
+    pointer = get_json(client, bucket, "gate/latest/pointer.json")
+    assert pointer["run_id"] == "r1" and pointer["report"] == "latest/report.html"
+    assert pointer["run_uri"] == f"{dest}/r1/"
+
+    r2 = pub.publish(make_report(tmp_path / "r2", 0.25), dest, run_id="r2", client=client, gate=gate)
+    assert r2["promoted"] is False and r2["latest"] is None
+    assert r2["gate"]["baseline_run_id"] == "r1" and r2["gate"]["baseline_value"] == 0.30
+    # Beats r1, but not by more than the margin.
+    r3 = pub.publish(make_report(tmp_path / "r3", 0.305), dest, run_id="r3", client=client, gate=gate)
+    assert r3["promoted"] is False
+    assert get_json(client, bucket, "gate/latest/pointer.json")["run_id"] == "r1"
+    assert b"0.3<" in client.get_object(Bucket=bucket, Key="gate/latest/report.html")["Body"].read()
+
+    r4 = pub.publish(make_report(tmp_path / "r4", 0.42), dest, run_id="r4", client=client, gate=gate)
+    assert r4["promoted"] is True and r4["previous_promoted_run"] == "r1"
+    pointer = get_json(client, bucket, "gate/latest/pointer.json")
+    assert pointer["run_id"] == "r4" and pointer["metrics"]["mAP@.50IOU"] == 0.42
+    assert keys_under(client, bucket, "gate/latest") == sorted(
+        ["metrics.json", "pointer.json", "pr_curve.png", "report.html", "report.md"])
+    latest_html = client.get_object(Bucket=bucket, Key="gate/latest/report.html")["Body"].read()
+    assert latest_html == (tmp_path / "r4" / "report.html").read_bytes()
+
+    prev = pub.previous_run(dest, client=client)
+    assert prev["run_id"] == "r4" and prev["metrics"]["mAP@.50IOU"] == 0.42
+    assert pub.previous_run(dest, client=client, exclude="r4")["run_id"] == "r1"
+    assert [e["promoted"] for e in pub.load_index(dest, client=client)] == [True, False, False, True]
+
+
+def test_first_run_with_zero_metric_is_not_promoted(s3, tmp_path):
+    client, bucket, _ = s3
+    result = pub.publish(make_report(tmp_path / "z", 0.0), f"s3://{bucket}/z", run_id="z", client=client)
+    assert result["promoted"] is False
+    assert storage.read_bytes(f"s3://{bucket}/z/latest/pointer.json", client=client) is None
+    assert pub.previous_run(f"s3://{bucket}/z", client=client) is None
+
+
+def test_failed_latest_update_keeps_the_previous_pointer(s3, tmp_path):
+    client, bucket, endpoint = s3
+    dest = f"s3://{bucket}/fail"
+    pub.publish(make_report(tmp_path / "good", 0.3), dest, run_id="good", client=client)
+    before = {k: client.get_object(Bucket=bucket, Key=f"fail/latest/{k}")["Body"].read()
+              for k in keys_under(client, bucket, "fail/latest")}
+
+    # A client whose writes under latest/ fail after the first file (a half-done copy).
+    flaky = storage.s3_client(endpoint)
+    writes = []
+
+    def fail_on_second_latest_write(params, **_):
+        if "/latest/" in params["Key"]:
+            writes.append(params["Key"])
+            if len(writes) >= 2:
+                raise ConnectionResetError("simulated network failure")
+
+    flaky.meta.events.register("before-parameter-build.s3.PutObject", fail_on_second_latest_write)
+    with pytest.raises(ConnectionResetError, match="simulated"):
+        pub.publish(make_report(tmp_path / "better", 0.5), dest, run_id="better", client=flaky)
+
+    pointer = get_json(client, bucket, "fail/latest/pointer.json")
+    assert pointer["run_id"] == "good"
+    assert json.loads(before["pointer.json"]) == pointer
+    # Readers trust pointer.json: its run folder is intact.
+    for rel, digest in pointer["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"fail/good/{rel}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest
+
+    # Publishing again completes the promotion.
+    again = pub.publish(tmp_path / "better", dest, run_id="better", client=client)
+    assert again["promoted"] is True
+    pointer = get_json(client, bucket, "fail/latest/pointer.json")
+    assert pointer["run_id"] == "better"
+    for rel, digest in pointer["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"fail/latest/{rel}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest
+    assert [e["run_id"] for e in pub.load_index(dest, client=client)] == ["good", "better"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_missing_bucket_is_a_clear_error(s3_server, s3_env, tmp_path):
+    with pytest.raises(PersoncarError) as err:
+        pub.publish(make_report(tmp_path / "r", 0.3), "s3://personcar-missing-bucket/reports",
+                    run_id="r1", endpoint_url=s3_server)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "s3://personcar-missing-bucket/reports/r1/" in msg and "does not exist" in msg
+    with pytest.raises(PersoncarError, match="personcar-missing-bucket.*does not exist"):
+        pub.load_index("s3://personcar-missing-bucket/reports", endpoint_url=s3_server)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def strict_s3() -> Iterator[str]:
+    """moto's S3 server in its own process with authentication on: unknown keys are refused."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_refused_credentials_are_a_clear_error(strict_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREFUSED000000000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(PersoncarError) as err:
+        pub.publish(make_report(tmp_path / "r", 0.3), "s3://team-bucket/reports", run_id="r1",
+                    endpoint_url=strict_s3)
+    msg = str(err.value)
+    assert "\n" not in msg and "s3://team-bucket/reports/" in msg
+    assert "credentials refused" in msg and "InvalidAccessKeyId" in msg
+
+
+def test_unreachable_endpoint_is_a_clear_error(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(PersoncarError) as err:
+        pub.previous_run("s3://team-bucket/reports", endpoint_url=dead)
+    msg = str(err.value)
+    assert "\n" not in msg and "s3://team-bucket/reports/runs.json" in msg and "unreachable" in msg
