@@ -141,30 +141,37 @@ def evaluate(context: dict[str, Any]) -> dict[str, Any]:
 def publish_report(context: dict[str, Any]) -> dict[str, Any]:
     import json
 
-    from tasks.publish import previous_run, publish
+    from tasks.publish import gate_verdict, previous_run, publish
     from tasks.report import build_report
 
     cfg, st, run = run_config(context), settings(), run_dir(context)
-    _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
-    (run / "config.json").write_text(json.dumps(
-        {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
-         "backend": st.backend}, indent=2, default=str))
+    metrics_path = _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
     dest = cfg.publish_dest or st.default_publish_dest()
     creds = _aws_credentials(st.aws_conn_id) if dest.startswith("s3://") else {}
+    endpoint = creds.pop("endpoint_url", None) or st.s3_endpoint_url
     client = None
-    if creds:
+    if dest.startswith("s3://"):
         from tasks.storage import s3_client
 
-        client = s3_client(**creds)
-    endpoint = creds.get("endpoint_url") or st.s3_endpoint_url
+        client = s3_client(endpoint, **creds)
     gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
-    prev = previous_run(dest, endpoint_url=endpoint, client=client)
-    report = build_report(run, run / "report", previous=prev)
-    published = publish(run / "report", dest, run_id=run.name, endpoint_url=endpoint, client=client, gate=gate)
+    prev = previous_run(dest, client=client, exclude=run.name)
+    verdict = gate_verdict(json.loads(metrics_path.read_text()), prev, gate)
+    write_config = {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
+                    "backend": st.backend, "publish_dest": dest}
+    from tasks.artifacts import write_json_atomic
+
+    write_json_atomic(run / "config.json", write_config)
+    report = build_report(run, run / "report", previous=prev, gate=verdict)
+    published = publish(run / "report", dest, run_id=run.name, client=client, endpoint_url=endpoint, gate=gate)
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
-    log.info("report: %s (promoted: %s)", report_url, published.get("promoted"))
-    return {"report_url": report_url, "promoted": published.get("promoted"), "report": report.get("html")}
+    log.info("report: %s (%s)", report_url, verdict["reason"])
+    if published.get("promoted") != verdict["promoted"]:
+        log.warning("promotion changed while publishing (a concurrent run was promoted): promoted=%s",
+                    published.get("promoted"))
+    return {"report_url": report_url, "promoted": published.get("promoted"), "report": report.get("html"),
+            "gate": verdict["reason"]}
 
 
 def ensure_dirs() -> None:

@@ -135,27 +135,20 @@ def publish(
                 storage.copy_file_atomic(path, tmp / rel)
 
     # 2. The index entry, with the gate decided against the index as it is at write time.
-    gate_value = _metric_value(all_metrics, gate["metric"])
+    gate_value = _metric_value(all_metrics, gate["metric"])  # for the log line
     decided: dict[str, Any] = {}
 
     def change(entries: list[dict]) -> list[dict]:
         others = [e for e in entries if e.get("run_id") != run]
         previous = last_promoted(others)
-        baseline = _entry_metric(previous, gate["metric"]) if previous else None
-        promoted = _passes(gate_value, baseline, gate["margin"], first=previous is None)
+        verdict = gate_verdict(all_metrics, previous, gate)
         entry = {
             "run_id": run,
             "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "metrics": _index_metrics(all_metrics, gate["metric"]),
-            "promoted": promoted,
+            "promoted": verdict["promoted"],
             "report": f"{run}/{report_rel}" if report_rel else None,
-            "gate": {
-                "metric": gate["metric"],
-                "margin": gate["margin"],
-                "value": gate_value,
-                "baseline_run_id": previous.get("run_id") if previous else None,
-                "baseline_value": baseline,
-            },
+            "gate": {k: verdict[k] for k in ("metric", "margin", "value", "baseline_run_id", "baseline_value")},
         }
         decided.update(entry=entry, previous=previous)
         positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]
@@ -227,6 +220,27 @@ def load_pointer(dest: str, *, endpoint_url: str | None = None, client: Any = No
         return json.loads(raw)
     except ValueError as exc:
         raise PersoncarError(f"{uri}: not valid JSON ({exc})") from exc
+
+
+def gate_verdict(metrics: dict[str, Any], previous: dict | None, gate: dict | None = None) -> dict[str, Any]:
+    """Whether a run with ``metrics`` beats ``previous`` (the last promoted index entry) by the margin.
+
+    The first run is promoted when its metric is above 0. Returns the gate with ``promoted``,
+    ``value``, ``baseline_run_id``, ``baseline_value`` and a one-line ``reason``.
+    """
+    gate = _check_gate(gate)
+    value = _metric_value(metrics, gate["metric"])
+    baseline = _entry_metric(previous, gate["metric"]) if previous else None
+    promoted = _passes(value, baseline, gate["margin"], first=previous is None)
+    name = short_name(gate["metric"])
+    if previous is None:
+        reason = f"first promoted run: {name} {_fmt(value)}"
+    else:
+        verb = "beats" if promoted else "does not beat"
+        reason = (f"{name} {_fmt(value)} {verb} {_fmt(baseline)} of run {previous.get('run_id')} "
+                  f"by more than {gate['margin']}")
+    return {**gate, "promoted": promoted, "reason": reason, "value": value,
+            "baseline_run_id": previous.get("run_id") if previous else None, "baseline_value": baseline}
 
 
 def last_promoted(entries: list[dict]) -> dict | None:

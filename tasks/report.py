@@ -24,7 +24,6 @@ import base64
 import html
 import json
 import math
-import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -642,7 +641,9 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
             doc.na("Validation outcome (validate/validation.json)")
             missing.append("validation")
         if data_docs.is_file():
-            rel = quote(Path(os.path.relpath(data_docs, out)).as_posix())
+            # the Data Docs travel with the report, so the link works on S3 and from disk
+            shutil.copytree(data_docs.parent, tmp / "data_docs")
+            rel = "data_docs/index.html"
             doc.raw(f'<p><a href="{esc(rel)}">Great Expectations Data Docs</a></p>',
                     f"[Great Expectations Data Docs]({rel})\n")
         else:
@@ -737,7 +738,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
                 + "\n".join(doc.html) + "\n</main></body></html>\n")
         (tmp / "report.html").write_text(page, encoding="utf-8")
         (tmp / "report.md").write_text("\n".join(doc.md).lstrip() + "\n", encoding="utf-8")
-        written = sorted(p.name for p in tmp.iterdir())
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
 
     files = {name: str(out / name) for name in written}
     summary = {
