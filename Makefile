@@ -14,7 +14,7 @@ export AIRFLOW__CORE__UNIT_TEST_MODE := False
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 60, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
+DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 200, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
 
 .PHONY: install demo test lock system-deps clean
 
@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements/lock.txt
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
@@ -36,7 +37,8 @@ demo: install
 	$(BIN)/personcar sample --out $(DEMO)/sample --images 32 --seed 0 --archive $(DEMO)/trainval.tar.gz
 	$(BIN)/airflow db migrate > $(DEMO)/db-migrate.log
 	PERSONCAR_ARTIFACT_ROOT=$(DEMO)/runs $(BIN)/airflow dags test personcar_detection 2026-01-05 \
-		--conf '$(DEMO_CONF)' 2>&1 | tee $(DEMO)/dag-test.log | grep -E "personcar|Marking task|ERROR|state=" || true
+		--conf '$(DEMO_CONF)' 2>&1 | tee $(DEMO)/dag-test.log \
+		| grep -E "\[personcar\]|Marking run|ERROR" | sed -E 's/ +\[personcar\].*//' || true
 	@$(BIN)/python -m tasks.demo_summary $(DEMO)
 
 system-deps:  ## headless Chromium for the browser tests (Debian)

@@ -18,13 +18,18 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TASKS = ["download_dataset", "validate_annotations", "build_tfrecords", "train", "evaluate", "publish_report"]
 DATE = "2026-01-05"
-RUN_ID = f"manual__{DATE}T00:00:00+00:00"
 
 pytestmark = pytest.mark.slow
 
 
 def airflow(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def json_out(proc: subprocess.CompletedProcess[str]) -> list | dict:
+    """The JSON document of an ``airflow ... --output json`` command (warnings may precede it)."""
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(("[", "{")))
+    return json.loads(line)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +61,19 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     run = airflow(env, "dags", "test", "personcar_detection", DATE, "--conf", json.dumps(conf))
     (root / "dags-test.log").write_text(run.stdout + run.stderr)
-    states = airflow(env, "tasks", "states-for-dag-run", "personcar_detection", RUN_ID, "--output", "json")
-    return {"root": root, "env": env, "run": run, "states": states,
-            "run_dir": root / "runs" / RUN_ID.replace(":", "_").replace("+", "_")}
+    runs = json_out(airflow(env, "dags", "list-runs", "personcar_detection", "--output", "json"))
+    assert len(runs) == 1, runs
+    run_id = runs[0]["run_id"]
+    states = airflow(env, "tasks", "states-for-dag-run", "personcar_detection", run_id, "--output", "json")
+    from tasks.dag_tasks import run_key
+
+    return {"root": root, "env": env, "run": run, "states": states, "run_id": run_id,
+            "run_dir": root / "runs" / run_key(run_id)}
 
 
 def test_every_task_succeeds(dag_run: dict) -> None:
     assert dag_run["run"].returncode == 0, (dag_run["run"].stdout + dag_run["run"].stderr)[-4000:]
-    states = {row["task_id"]: row["state"] for row in json.loads(dag_run["states"].stdout)}
+    states = {row["task_id"]: row["state"] for row in json_out(dag_run["states"])}
     assert states == dict.fromkeys(TASKS, "success"), states
 
 

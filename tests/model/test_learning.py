@@ -20,7 +20,7 @@ from tasks.tfrecords import build_tfrecords
 
 pytestmark = pytest.mark.slow
 TINY = "ssd_resnet18_v1_fpn_256x256_tiny"
-OVERFIT_STEPS = 400
+OVERFIT_STEPS = 500
 
 
 @pytest.fixture(scope="module")
