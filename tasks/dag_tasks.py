@@ -133,7 +133,7 @@ def evaluate(context: dict[str, Any]) -> dict[str, Any]:
     run = run_dir(context)
     data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
     _require(run / "train" / "train_summary.json", "a trained model", "train")
-    metrics = evaluate_model(run / "train", data, run / "evaluate")
+    metrics = evaluate_model(run / "train", data, run / "evaluate")["metrics"]
     keys = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU", "DetectionBoxes_Precision/mAP@.75IOU")
     return {k: metrics[k] for k in keys if k in metrics}
 

@@ -39,7 +39,7 @@ def overfit(tmp_path_factory: pytest.TempPathFactory) -> dict:
     start = time.monotonic()
     summary = train(root / "train_tfr", root / "model",
                     RunConfig(model=TINY, steps=OVERFIT_STEPS, learning_rate=0.03, seed=1), log_every=50)
-    metrics = evaluate_model(root / "model", root / "eval_tfr", root / "eval")
+    metrics = evaluate_model(root / "model", root / "eval_tfr", root / "eval")["metrics"]
     seconds = time.monotonic() - start
     print(f"overfit: mAP@.50IOU {metrics['DetectionBoxes_Precision/mAP@.50IOU']:.3f}, "
           f"mAP {metrics['DetectionBoxes_Precision/mAP']:.3f} after {OVERFIT_STEPS} steps in {seconds:.0f} s")
@@ -115,3 +115,20 @@ def test_non_finite_loss_stops_with_a_clear_error(sample_dataset: dict, tmp_path
     with pytest.raises(PersoncarError, match=r"training diverged: loss is inf at step 1 "):
         train(data, tmp_path / "m", RunConfig(model=TINY, image_size=128, batch_size=2, steps=5), export=False)
     assert not list((tmp_path / "m").glob("ckpt-*.index"))  # nothing saved from a diverged state
+
+
+def test_saved_model_and_detections_file_evaluate_to_the_same_numbers(overfit: dict, tmp_path: Path) -> None:
+    from tasks.cli import main
+    from tasks.evaluate import evaluate
+    from tasks.predict import predict
+
+    root = overfit["root"]
+    predict(root / "model", tmp_path / "det.json", data=root / "eval_tfr")
+    from_file = evaluate(root / "eval_tfr" / "val.coco.json", tmp_path / "det.json", tmp_path / "a")
+    assert from_file["metrics"] == overfit["metrics"]
+    assert main(["evaluate", "--model-dir", str(root / "model"), "--data", str(root / "eval_tfr"),
+                 "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    c = json.loads((root / "eval" / "metrics.json").read_text())
+    assert a == b == c

@@ -1,0 +1,74 @@
+"""Training speed and peak memory on this machine's CPU, per backbone and image size.
+
+Each configuration trains in a fresh process on a generated sample (batch 2, float32); the first
+step (graph tracing) is reported apart from the steady seconds per step. Peak memory is the
+child's max RSS.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--configs resnet50:256,resnet152:640]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time, logging
+from pathlib import Path
+from tasks.config import RunConfig
+from tasks import train as t
+backbone, size, steps, data, model_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+stamps = []
+class Clock(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("train: step"):
+            stamps.append(time.monotonic())
+logging.getLogger("personcar").addHandler(Clock()); logging.getLogger("personcar").setLevel(logging.INFO)
+start = time.monotonic()
+s = t.train(Path(data), Path(model_dir), RunConfig(backbone=backbone, image_size=size, batch_size=2, steps=steps),
+            log_every=1, export=False, checkpoint_every=10**6)
+first = stamps[0] - start
+steady = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+import resource
+print(json.dumps({"first_step_s": first, "steady_s_per_step": steady,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--configs", default="resnet50:256,resnet152:256,resnet50:640,resnet152:640")
+    args = ap.parse_args()
+    from tasks.sample import make_sample
+    from tasks.tfrecords import build_tfrecords
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import pixel_area_copy  # noqa: E402
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_sample(root / "s", images=8, seed=0)
+        clean = pixel_area_copy(root / "s/trainval/annotations/bbox-annotations.json", root / "clean.json")
+        build_tfrecords(clean, root / "s/trainval/images", root / "tfr", val_fraction=0.0)
+        print(f"{'backbone':10s} {'size':>5s} {'first step s':>13s} {'s/step':>8s} {'peak RSS GB':>12s}")
+        for item in args.configs.split(","):
+            backbone, size = item.split(":")
+            out = subprocess.run([sys.executable, "-c", CHILD, backbone, size, str(args.steps), str(root / "tfr"),
+                                  str(root / f"m-{backbone}-{size}")], capture_output=True, text=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if out.returncode:
+                print(f"{backbone:10s} {size:>5s} failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{backbone:10s} {size:>5s} {r['first_step_s']:13.1f} {r['steady_s_per_step']:8.2f} "
+                  f"{r['peak_rss_gb']:12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""From expectation results to decisions: failures, quarantine, repairs, warnings, clean JSON.
+
+The suites say which rows break which check; this module applies the policy of
+:mod:`data_checks.rules` to them (which boxes are clipped, which duplicate is kept, whether the
+quarantine stays under its threshold) and writes the normalised COCO document.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pandas as pd
+
+from data_checks.rules import CHECKS, Thresholds
+from data_checks.suites import Outcome
+from data_checks.tables import Tables
+
+ID_KEYS = {"images": "image_ids", "annotations": "annotation_ids", "categories": "category_ids"}
+MAX_WARNING_IDS = 50  # warnings list a sample of ids; failures list them all
+MAX_MESSAGE_IDS = 5
+
+
+def _json_value(v: Any) -> Any:
+    """Plain JSON types for values read back from frames (numpy scalars, NaN)."""
+    if v is None:
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+def _ids(frame: pd.DataFrame, rows: list[int]) -> list[Any]:
+    refs = frame["ref"].to_numpy()[sorted(set(rows))].tolist()
+    ints = sorted(r for r in refs if isinstance(r, int))
+    return ints + [r for r in refs if not isinstance(r, int)]
+
+
+def _found(frame: pd.DataFrame, column: str, rows: list[int]) -> list[str]:
+    """Distinct offending values of a column (for messages), most common first."""
+    values = [frame[column].iat[i] for i in rows]
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[str(_json_value(v))] += 1
+    return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _observed(v: Any) -> str:
+    v = _json_value(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict) and "quantiles" in v:
+        return ", ".join(f"q{q:g}={_observed(x)}" for q, x in zip(v["quantiles"], v["values"], strict=False))
+    return str(v)
+
+
+def _message(outcomes: list[Outcome], frames: dict[str, pd.DataFrame]) -> str:
+    """What failed, in words: the rule of each failed expectation and how often it failed."""
+    parts = []
+    for o in outcomes:
+        rule = (o.description or o.check).split(": ", 1)[-1].rstrip(".")
+        if o.error:
+            parts.append(f"{rule}: the expectation could not be evaluated ({o.error})")
+        elif o.rows and o.column and o.column.endswith("_kind"):
+            found = ", ".join(_found(frames[o.table], o.column, o.rows)[:4])
+            parts.append(f"{rule}: violated by {len(set(o.rows))} of {o.element_count} {o.table} (found {found})")
+        elif o.unexpected_count is not None:
+            parts.append(f"{rule}: violated by {o.unexpected_count} of {o.element_count} {o.table}")
+        elif o.observed is None or (isinstance(o.observed, dict) and not any(
+                v is not None for v in o.observed.get("values", []))):
+            parts.append(f"{rule}: not measurable (column '{o.column}' has no values)")
+        else:
+            parts.append(f"{rule}: observed {_observed(o.observed)}")
+    return "; ".join(parts)
+
+
+def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], thresholds: Thresholds,
+                 *, unreferenced_files: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The report (``validation.json`` minus run metadata) and the clean document (None on failure)."""
+    frames = {"images": tables.images, "annotations": tables.annotations, "categories": tables.categories}
+    ann = tables.annotations
+    by_check: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if not o.success or o.error:
+            by_check[(o.table, o.check)].append(o)
+
+    failures: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []
+    quarantine: dict[int, str] = {}  # row -> first check that quarantined it
+    past_edge_rows: set[int] = set()
+
+    def rows_of(key: tuple[str, str]) -> list[int]:
+        return sorted({r for o in by_check.get(key, []) for r in o.rows})
+
+    # duplicate boxes: keep the lowest id of each group
+    dup_rows = rows_of(("annotations", "duplicate_box"))
+    dup_kept: list[int] = []
+    dup_removed: list[int] = []
+    if dup_rows:
+        sub = ann.loc[dup_rows, ["image_id", "category_id", "x", "y", "w", "h", "id"]]
+        for _, group in sub.groupby(["image_id", "category_id", "x", "y", "w", "h"], sort=False):
+            ids = ann["id"]  # None where the id itself is invalid (a fatal failure of its own)
+            order = sorted(group.index, key=lambda r: (ids.iat[r] is None, ids.iat[r] or 0, r))
+            dup_kept.append(order[0])
+            dup_removed.extend(order[1:])
+
+    # warnings only for positions carrying different categories (exact duplicates are handled above)
+    same_rows = rows_of(("annotations", "same_box_different_categories"))
+    multi_class_rows: list[int] = []
+    if same_rows:
+        sub = ann.loc[same_rows, ["image_id", "x", "y", "w", "h", "category_id"]]
+        for _, group in sub.groupby(["image_id", "x", "y", "w", "h"], sort=False):
+            if group["category_id"].nunique() > 1:
+                multi_class_rows.extend(group.index)
+
+    for (table, check), group in sorted(by_check.items(), key=lambda kv: _order(kv[0][1])):
+        policy = CHECKS[check].policy if check in CHECKS else "fatal"
+        if any(o.error for o in group) and policy in ("quarantine", "repair"):
+            policy = "fatal"  # a repair rule that could not run cannot be trusted
+        frame = frames[table]
+        rows = rows_of((table, check))
+        entry: dict[str, Any] = {"check": check, "policy": policy}
+        if check == "duplicate_box" and policy != "fatal":
+            rows = sorted(dup_removed)
+            entry["kept_annotation_ids"] = _ids(ann, dup_kept)
+        if check == "same_box_different_categories":
+            rows = sorted(multi_class_rows)
+            if not rows:
+                continue
+        if rows:
+            entry[ID_KEYS[table]] = _ids(frame, rows)
+            entry["count"] = len(rows)
+        entry["message"] = _message(group, frames)
+        if check == "box_past_image_edge" and policy == "repair":
+            past_edge_rows.update(rows)
+            continue  # reported under repairs (or quarantined by box_mostly_outside_image)
+        if policy in ("fatal", "quarantine"):
+            if policy == "quarantine":
+                for r in rows:
+                    quarantine.setdefault(r, check)
+            failures.append(entry)
+        else:
+            if rows and len(entry[ID_KEYS[table]]) > MAX_WARNING_IDS:
+                entry[ID_KEYS[table]] = entry[ID_KEYS[table]][:MAX_WARNING_IDS]
+                entry["ids_truncated"] = True
+            warnings.append(entry)
+
+    if unreferenced_files:
+        n = len(unreferenced_files)
+        warnings.append({"check": "image_file_unreferenced", "policy": "warn",
+                         "file_names": unreferenced_files[:MAX_WARNING_IDS], "count": n,
+                         "message": f"{n} image file(s) in the folder are not listed in the JSON"})
+
+    n_boxes = len(ann)
+    quarantined_rows = sorted(quarantine)
+    limit = thresholds.max_quarantine_fraction * n_boxes
+    if quarantined_rows and len(quarantined_rows) > limit:
+        failures.append({
+            "check": "quarantine_threshold", "policy": "fatal",
+            "annotation_ids": _ids(ann, quarantined_rows), "count": len(quarantined_rows),
+            "message": (f"{len(quarantined_rows)} of {n_boxes} boxes quarantined "
+                        f"({len(quarantined_rows) / max(n_boxes, 1):.2%}), more than max_quarantine_fraction "
+                        f"{thresholds.max_quarantine_fraction:.2%}"),
+        })
+
+    success = not any(f["policy"] == "fatal" for f in failures)
+    clipped_rows = sorted(past_edge_rows - set(quarantine))
+    report: dict[str, Any] = {
+        "success": success,
+        "quarantined_annotation_ids": _ids(ann, quarantined_rows),
+        "failures": failures,
+        "warnings": warnings,
+    }
+    clean = None
+    repairs: dict[str, Any] = {"clipped_annotation_ids": _ids(ann, clipped_rows), "clipped": []}
+    if success:
+        clean, clean_stats = _clean_document(doc, tables, set(quarantined_rows), clipped_rows, repairs)
+        repairs.update(clean_stats)
+    report["repairs"] = repairs
+    report["counts"] = _counts(tables, quarantined_rows, clipped_rows)
+    return report, clean
+
+
+def _order(check: str) -> int:
+    names = list(CHECKS)
+    return names.index(check) if check in names else len(names)
+
+
+def _clean_document(doc: dict[str, Any], tables: Tables, quarantined: set[int], clipped_rows: list[int],
+                    repairs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    images_by_id = {}
+    for rec in doc["images"]:
+        images_by_id.setdefault(rec["id"], rec)
+    clipped = set(clipped_rows)
+    kept: list[dict[str, Any]] = []
+    n_crowd = n_seg = n_area = 0
+    for row, rec in enumerate(doc["annotations"]):
+        if row in quarantined:
+            continue
+        new = dict(rec)
+        x, y, w, h = rec["bbox"]
+        if row in clipped:
+            img = images_by_id[rec["image_id"]]
+            x1, y1 = max(x, 0), max(y, 0)
+            x2, y2 = min(x + w, img["width"]), min(y + h, img["height"])
+            new["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+            repairs["clipped"].append({"annotation_id": rec["id"], "bbox_before": list(rec["bbox"]),
+                                       "bbox_after": new["bbox"]})
+        else:
+            new["bbox"] = list(rec["bbox"])
+        area = new["bbox"][2] * new["bbox"][3]
+        if rec.get("area") != area:
+            n_area += 1
+        new["area"] = area
+        if "iscrowd" not in rec:
+            new["iscrowd"] = 0
+            n_crowd += 1
+        if "segmentation" not in rec:
+            new["segmentation"] = []
+            n_seg += 1
+        kept.append(new)
+    before = [(a["image_id"], a["id"]) for a in kept]
+    kept.sort(key=lambda a: (a["image_id"], a["id"]))
+    reordered = before != [(a["image_id"], a["id"]) for a in kept]
+    repairs["clipped"].sort(key=lambda c: c["annotation_id"])
+    clean: dict[str, Any] = {}
+    for key, value in doc.items():
+        clean[key] = kept if key == "annotations" else value
+    stats = {"area_recomputed": n_area, "iscrowd_defaulted": n_crowd, "segmentation_defaulted": n_seg,
+             "annotations_reordered": reordered}
+    return clean, stats
+
+
+def _counts(tables: Tables, quarantined_rows: list[int], clipped_rows: list[int]) -> dict[str, Any]:
+    ann, cats = tables.annotations, tables.categories
+    per_cat = {}
+    for cid, name, n in zip(cats["id"], cats["name"], cats["num_boxes"], strict=True):
+        if cid is not None:
+            per_cat[str(name if name is not None else cid)] = int(n)  # valid id: a count, never NaN
+    return {
+        "images": len(tables.images),
+        "annotations": len(ann),
+        "categories": len(cats),
+        "boxes_per_category": per_cat,
+        "quarantined": len(quarantined_rows),
+        "clipped": len(clipped_rows),
+        "kept": len(ann) - len(quarantined_rows),
+    }

@@ -1,0 +1,265 @@
+"""From a COCO annotation file to the tables the suites check.
+
+Three steps, each tolerant of anything the previous one lets through:
+
+1. :func:`load_document` parses the file (``json_syntax``).
+2. :func:`check_structure` is the light structural check that must pass before tables can be
+   built at all: the top level is an object and ``images``/``annotations``/``categories`` are lists
+   of objects (``structure``). Nothing about field values is checked here.
+3. :func:`build_tables` turns the records into one row per image, per box and per category. Every
+   field gets a ``<field>_kind`` column naming its JSON type exactly (``integer`` is never a
+   boolean, ``number`` is always finite), so the suites can check types with value-set
+   expectations, and a coerced value column that is null wherever the kind is wrong. Derived
+   columns (the box/image join, clipped sizes, relative size, aspect ratio) are computed here in
+   pandas so that Great Expectations checks them as plain columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import DataValidationError, PersoncarError
+
+MISSING = object()
+MAX_EXACT_INT = 2**53  # larger integers lose precision as floats: rejected as ids and sizes
+MAX_COORD = 1e7  # a box coordinate beyond ten million pixels is not a coordinate
+BBOX_OK = "[x, y, w, h] numbers"
+
+
+class StructureError(DataValidationError):
+    """The file cannot be read as COCO tables at all (not JSON, or the wrong top-level shape)."""
+
+    def __init__(self, path: str | os.PathLike[str], check: str, detail: str, where: str):
+        super().__init__(f"{path}: {check}: {detail}")
+        self.check, self.detail, self.where = check, detail, where
+
+
+def load_document(path: str | os.PathLike[str]) -> Any:
+    """Parse the annotation file. An unreadable path is a user error; bad JSON fails the dataset."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PersoncarError(f"{path}: annotation file not found") from None
+    except IsADirectoryError:
+        raise PersoncarError(f"{path}: is a folder, expected an annotation JSON file") from None
+    except OSError as exc:
+        raise PersoncarError(f"{path}: cannot read annotation file: {exc.strerror or exc}") from None
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise StructureError(path, "json_syntax", f"not UTF-8 text (byte {exc.start})",
+                             f"byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise StructureError(path, "json_syntax", f"{exc.msg} at line {exc.lineno} column {exc.colno}",
+                             f"line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise StructureError(path, "json_syntax", "nesting too deep", "document") from None
+
+
+def json_kind(v: Any) -> str:
+    """The JSON type of a parsed value, strict: booleans are not integers, numbers are finite."""
+    if v is MISSING:
+        return "missing"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer" if -MAX_EXACT_INT <= v <= MAX_EXACT_INT else "integer out of range"
+    if isinstance(v, float):
+        return "number" if math.isfinite(v) else "non-finite number"
+    if isinstance(v, str):
+        if not v:
+            return "empty string"
+        try:
+            v.encode("utf-8")  # JSON escapes can spell lone surrogates: not text
+        except UnicodeEncodeError:
+            return "string with invalid unicode"
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def bbox_kind(v: Any) -> str:
+    k = json_kind(v)
+    if k != "array":
+        return k
+    if len(v) != 4:
+        return f"array of {len(v)}"
+    kinds = [json_kind(e) for e in v]
+    bad = [e for e in kinds if e not in ("integer", "number")]
+    if bad:
+        return f"array with {bad[0]}"
+    if any(abs(e) > MAX_COORD for e in v):
+        return "array with out-of-range number"
+    return BBOX_OK
+
+
+def _type_name(v: Any) -> str:
+    k = json_kind(v)
+    return {"object": "an object", "array": "a list", "integer": "a number", "number": "a number",
+            "string": "a string", "empty string": "a string", "null": "null",
+            "boolean": "a boolean"}.get(k, k)
+
+
+def check_structure(doc: Any) -> tuple[str, str] | None:
+    """The first structural problem as ``(where, message)``, or None when tables can be built."""
+    if not isinstance(doc, dict):
+        return "document", f"top level is {_type_name(doc)}, expected an object"
+    for key in ("images", "annotations", "categories"):
+        if key not in doc:
+            return key, f"missing top-level key '{key}'"
+        value = doc[key]
+        if not isinstance(value, list):
+            return key, f"'{key}' is {_type_name(value)}, expected a list"
+        for i, rec in enumerate(value):
+            if not isinstance(rec, dict):
+                return f"{key}[{i}]", f"{key}[{i}] is {_type_name(rec)}, expected an object"
+    if "licenses" in doc and not isinstance(doc["licenses"], list):
+        return "licenses", f"'licenses' is {_type_name(doc['licenses'])}, expected a list"
+    return None
+
+
+@dataclass
+class Tables:
+    images: pd.DataFrame
+    annotations: pd.DataFrame
+    categories: pd.DataFrame
+
+
+def _ints(values: list[Any], kinds: list[str]) -> pd.Series:
+    """Python ints where the kind is integer, else None (object dtype keeps ints exact)."""
+    return pd.Series([v if k == "integer" else None for v, k in zip(values, kinds, strict=True)],
+                     dtype=object)
+
+
+def _floats(values: list[Any], kinds: list[str], ok: tuple[str, ...] = ("integer",)) -> np.ndarray:
+    return np.array([float(v) if k in ok else np.nan for v, k in zip(values, kinds, strict=True)],
+                    dtype=np.float64)
+
+
+def _ref(prefix: str, ids: list[Any], kinds: list[str]) -> list[Any]:
+    """How a row is named in reports: its id when that is an integer, else its position."""
+    return [v if k == "integer" else f"{prefix}[{i}]" for i, (v, k) in enumerate(zip(ids, kinds, strict=True))]
+
+
+def build_tables(doc: dict[str, Any]) -> Tables:
+    """One row per image, per box and per category, with kind, value and derived columns."""
+    # -- images -------------------------------------------------------------------------------
+    imgs = doc["images"]
+    i_id = [r.get("id", MISSING) for r in imgs]
+    i_fn = [r.get("file_name", MISSING) for r in imgs]
+    i_w = [r.get("width", MISSING) for r in imgs]
+    i_h = [r.get("height", MISSING) for r in imgs]
+    i_id_k = [json_kind(v) for v in i_id]
+    i_fn_k = [json_kind(v) for v in i_fn]
+    i_w_k = [json_kind(v) for v in i_w]
+    i_h_k = [json_kind(v) for v in i_h]
+    images = pd.DataFrame({
+        "ref": pd.Series(_ref("images", i_id, i_id_k), dtype=object),
+        "id_kind": i_id_k, "file_name_kind": i_fn_k, "width_kind": i_w_k, "height_kind": i_h_k,
+        "id": _ints(i_id, i_id_k),
+        "file_name": pd.Series([v if k == "string" else None for v, k in zip(i_fn, i_fn_k, strict=True)],
+                               dtype=object),
+        "width": _floats(i_w, i_w_k), "height": _floats(i_h, i_h_k),
+    })
+
+    # image id -> (W, H) from the first image row carrying that id with integer sizes
+    sizes: dict[int, tuple[float, float]] = {}
+    for iid, w, h in zip(images["id"], images["width"], images["height"], strict=True):
+        if iid is not None and iid not in sizes and not (math.isnan(w) or math.isnan(h)):
+            sizes[iid] = (w, h)
+
+    # -- annotations --------------------------------------------------------------------------
+    anns = doc["annotations"]
+    a_id = [r.get("id", MISSING) for r in anns]
+    a_img = [r.get("image_id", MISSING) for r in anns]
+    a_cat = [r.get("category_id", MISSING) for r in anns]
+    a_bbox = [r.get("bbox", MISSING) for r in anns]
+    a_crowd = [r.get("iscrowd", MISSING) for r in anns]
+    a_seg = [r.get("segmentation", MISSING) for r in anns]
+    a_area = [r.get("area", MISSING) for r in anns]
+    a_id_k = [json_kind(v) for v in a_id]
+    a_img_k = [json_kind(v) for v in a_img]
+    a_cat_k = [json_kind(v) for v in a_cat]
+    a_bbox_k = [bbox_kind(v) for v in a_bbox]
+    a_crowd_k = [json_kind(v) for v in a_crowd]
+    a_seg_k = [json_kind(v) for v in a_seg]
+    a_area_k = [json_kind(v) for v in a_area]
+    n = len(anns)
+    box = np.full((n, 4), np.nan)
+    for i, (b, k) in enumerate(zip(a_bbox, a_bbox_k, strict=True)):
+        if k == BBOX_OK:
+            box[i] = [float(e) for e in b]
+    x, y, w, h = box.T
+    image_id = _ints(a_img, a_img_k)
+    wh = np.array([sizes.get(v, (np.nan, np.nan)) if v is not None else (np.nan, np.nan) for v in image_id],
+                  dtype=np.float64).reshape(n, 2)
+    img_w, img_h = wh.T
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        x2, y2 = x + w, y + h
+        positive = (w > 0) & (h > 0)
+        # the part of the box inside its image
+        cx1, cy1 = np.clip(x, 0, img_w), np.clip(y, 0, img_h)
+        cx2, cy2 = np.clip(x2, 0, img_w), np.clip(y2, 0, img_h)
+        cw, ch = np.maximum(cx2 - cx1, 0), np.maximum(cy2 - cy1, 0)
+        in_fraction = np.where(positive, (cw * ch) / (w * h), np.nan)
+        pixel_area = w * h
+        # the shorter side after clipping, for boxes with a part inside their image
+        clip_min_side = np.where(positive & (in_fraction > 0), np.minimum(cw, ch), np.nan)
+        rel_size = np.where(positive, np.sqrt(pixel_area / (img_w * img_h)), np.nan)
+        aspect = np.where(positive, w / h, np.nan)
+        area = _floats(a_area, a_area_k, ("integer", "number"))
+        area_ratio = np.where(positive, area / pixel_area, np.nan)
+    for arr in (x2, y2, in_fraction, clip_min_side, rel_size, aspect, area_ratio):
+        arr[~np.isfinite(arr)] = np.nan
+
+    annotations = pd.DataFrame({
+        "ref": pd.Series(_ref("annotations", a_id, a_id_k), dtype=object),
+        "id_kind": a_id_k, "image_id_kind": a_img_k, "category_id_kind": a_cat_k, "bbox_kind": a_bbox_k,
+        "iscrowd_kind": a_crowd_k, "segmentation_kind": a_seg_k,
+        "id": _ints(a_id, a_id_k), "image_id": image_id, "category_id": _ints(a_cat, a_cat_k),
+        "iscrowd": _ints(a_crowd, a_crowd_k),
+        "x": x, "y": y, "w": w, "h": h, "x2": x2, "y2": y2,
+        "image_width": img_w, "image_height": img_h,
+        "in_image_fraction": in_fraction, "clipped_min_side": clip_min_side,
+        "relative_size": rel_size, "aspect_ratio": aspect, "area_ratio": area_ratio,
+    })
+
+    # -- categories ---------------------------------------------------------------------------
+    cats = doc["categories"]
+    c_id = [r.get("id", MISSING) for r in cats]
+    c_name = [r.get("name", MISSING) for r in cats]
+    c_id_k = [json_kind(v) for v in c_id]
+    c_name_k = [json_kind(v) for v in c_name]
+    per_cat = annotations["category_id"].dropna().value_counts()
+    cat_ids = _ints(c_id, c_id_k)
+    num_boxes = np.array([float(per_cat.get(v, 0)) if v is not None else np.nan for v in cat_ids],
+                         dtype=np.float64)
+    total = max(n, 1)
+    categories = pd.DataFrame({
+        "ref": pd.Series(_ref("categories", c_id, c_id_k), dtype=object),
+        "id_kind": c_id_k, "name_kind": c_name_k, "id": cat_ids,
+        "name": pd.Series([v if k == "string" else None for v, k in zip(c_name, c_name_k, strict=True)],
+                          dtype=object),
+        "num_boxes": num_boxes,
+        "box_fraction": np.where(cat_ids.notna().to_numpy(), num_boxes / total, np.nan),
+    })
+
+    per_image = image_id.dropna().value_counts()
+    images["num_boxes"] = np.array([float(per_image.get(v, 0)) if v is not None else np.nan
+                                    for v in images["id"]], dtype=np.float64)
+    return Tables(images=images, annotations=annotations, categories=categories)

@@ -1,0 +1,164 @@
+"""Stage ``validate``: check a COCO annotation file (and optionally its images) before training.
+
+``personcar validate --annotations FILE [--images DIR] --out DIR`` and the Airflow task
+``validate_annotations`` call :func:`validate_annotations`. It writes, atomically, into OUT:
+
+``validation.json``         success, quarantined annotation ids, failures (check, ids, message),
+                            warnings, repairs, counts, thresholds, GX statistics
+``annotations.clean.json``  the normalised COCO file later stages read (only when successful)
+``data_docs/index.html``    Great Expectations Data Docs of the three suites
+
+A dataset that fails still gets ``validation.json`` and the Data Docs, then
+:class:`~tasks.errors.DataValidationError` is raised with a one-line reason. The rules, thresholds
+and suites live in :mod:`data_checks`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import atomic_dir, write_json_atomic
+from tasks.errors import DataValidationError, PersoncarError
+from tasks.logs import log
+
+REPORT_NAME = "validation.json"
+CLEAN_NAME = "annotations.clean.json"
+DOCS_DIR = "data_docs"
+
+
+def validate_annotations(
+    annotations: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    images: str | os.PathLike[str] | None = None,
+    max_quarantine_fraction: float = 0.01,
+    min_clip_keep_fraction: float = 0.5,
+    min_box_side: float = 1.0,
+    max_boxes_per_image: int = 100,
+    min_class_fraction: float = 0.05,
+    decode_images: bool = True,
+) -> dict[str, Any]:
+    """Validate ``annotations`` (and the files in ``images``); write the report into ``out``.
+
+    Returns the report written to ``validation.json``. Raises DataValidationError (exit 1) when
+    the dataset fails (after writing the report and the Data Docs), PersoncarError (exit 2) for
+    unusable arguments (missing file or folder, a threshold out of range, OUT containing an input).
+    ``decode_images=False`` limits the image checks to header reads (existence, size, format).
+    """
+    from data_checks.images import check_image_files, unreferenced_files
+    from data_checks.policy import apply_policy
+    from data_checks.rules import CHECKS, Thresholds
+    from data_checks.tables import StructureError, build_tables, check_structure, load_document
+
+    start = time.perf_counter()
+    ann_path, out_dir = Path(annotations), Path(out)
+    images_dir = Path(images) if images is not None else None
+    thresholds = Thresholds(max_quarantine_fraction=max_quarantine_fraction,
+                            min_clip_keep_fraction=min_clip_keep_fraction, min_box_side=min_box_side,
+                            max_boxes_per_image=max_boxes_per_image, min_class_fraction=min_class_fraction)
+    if images_dir is not None and not images_dir.is_dir():
+        raise PersoncarError(f"{images_dir}: images folder not found")
+    _check_out(out_dir, [ann_path] + ([images_dir] if images_dir is not None else []))
+
+    base: dict[str, Any] = {"annotations_file": str(ann_path),
+                            "images_dir": str(images_dir) if images_dir is not None else None}
+    try:
+        doc = load_document(ann_path)
+        problem = check_structure(doc)
+        if problem is not None:
+            where, message = problem
+            raise StructureError(ann_path, "structure", message, where)
+    except StructureError as exc:
+        report = {"success": False, **base, "quarantined_annotation_ids": [],
+                  "failures": [{"check": exc.check, "policy": "fatal", "where": exc.where,
+                                "message": exc.detail}],
+                  "warnings": [], "repairs": {}, "counts": {}, "thresholds": thresholds.as_dict(),
+                  "checks_run": [], "gx": None,
+                  "note": "the file could not be read as COCO tables; no expectation suite ran"}
+        with atomic_dir(out_dir) as tmp:
+            write_json_atomic(tmp / REPORT_NAME, report)
+        log.error("validation failed: %s", exc)
+        raise
+
+    tables = build_tables(doc)
+    log.info("validating %s: %d images, %d boxes, %d categories", ann_path, len(tables.images),
+             len(tables.annotations), len(tables.categories))
+    image_stats: dict[str, Any] | None = None
+    unreferenced: list[str] = []
+    if images_dir is not None:
+        tables.images, image_stats = check_image_files(tables.images, images_dir, decode=decode_images)
+        unreferenced = unreferenced_files(images_dir, list(tables.images["file_name"]))
+
+    from data_checks.suites import run_suites
+
+    with atomic_dir(out_dir) as tmp:
+        run = run_suites(tables, thresholds, tmp / DOCS_DIR, with_files=images_dir is not None)
+        report, clean = apply_policy(doc, tables, run.outcomes, thresholds, unreferenced_files=unreferenced)
+        import great_expectations as gx
+
+        timings = run.statistics.pop("seconds", {})
+        report = {
+            "success": report["success"], **base, **report,
+            "thresholds": thresholds.as_dict(),
+            "image_checks": ({k: v for k, v in image_stats.items() if k not in ("seconds", "images_per_second")}
+                             if image_stats else None),
+            "checks_run": [
+                {"table": o.table, "check": o.check, "policy": o.policy, "expectation": o.expectation,
+                 "column": o.column, "success": o.success, "unexpected_count": o.unexpected_count,
+                 **({"observed_value": o.observed} if o.unexpected_count is None else {})}
+                for o in run.outcomes
+            ],
+            "gx": {"version": gx.__version__, "statistics": run.statistics,
+                   "data_docs": f"{DOCS_DIR}/index.html",
+                   "suites": [f"personcar_{t}" for t in ("images", "annotations", "categories")]},
+            "check_descriptions": {c.name: {"policy": c.policy, "description": c.description}
+                                   for c in CHECKS.values()},
+        }
+        write_json_atomic(tmp / REPORT_NAME, report)
+        if clean is not None:  # json.dumps uses the C encoder (json.dump does not)
+            (tmp / CLEAN_NAME).write_text(json.dumps(clean) + "\n", encoding="utf-8")
+
+    elapsed = time.perf_counter() - start
+    log.info("validation %s in %.1f s (GX import %.1f s, suites %.1f s): %d failure(s), %d warning(s), "
+             "%d quarantined, %d clipped; report %s, data docs %s",
+             "passed" if report["success"] else "FAILED", elapsed, timings.get("import", 0.0),
+             timings.get("run", 0.0), len(report["failures"]), len(report["warnings"]),
+             len(report["quarantined_annotation_ids"]), len(report["repairs"]["clipped_annotation_ids"]),
+             out_dir / REPORT_NAME, out_dir / DOCS_DIR / "index.html")
+    for w in report["warnings"]:
+        log.log(logging.INFO if w["policy"] == "info" else logging.WARNING,
+                "validation %s %s: %s", "note" if w["policy"] == "info" else "warning", w["check"], w["message"])
+    if not report["success"]:
+        raise DataValidationError(failure_line(ann_path, out_dir, report["failures"]))
+    return report
+
+
+def failure_line(ann_path: Path, out_dir: Path, failures: list[dict[str, Any]]) -> str:
+    """One line: the file, each fatal check with a few offending ids, and where the report is."""
+    parts = []
+    for f in failures:
+        if f["policy"] != "fatal":
+            continue
+        key = next((k for k in ("annotation_ids", "image_ids", "category_ids") if k in f), None)
+        if key:
+            ids = f[key]
+            shown = ", ".join(str(i) for i in ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+            parts.append(f"{f['check']} ({key.replace('_', ' ')[:-1]}s {shown})")
+        else:
+            parts.append(f"{f['check']} ({f['message'][:120]})")
+    text = f"{ann_path}: dataset failed validation: " + "; ".join(parts) + f"; see {out_dir / REPORT_NAME}"
+    return " ".join(text.split())  # one line whatever the messages hold
+
+
+def _check_out(out_dir: Path, inputs: list[Path]) -> None:
+    """OUT is replaced as a whole: it must not be, or contain, an input."""
+    out_abs = out_dir.resolve()
+    for p in inputs:
+        p_abs = p.resolve()
+        if p_abs == out_abs or out_abs in p_abs.parents:
+            raise PersoncarError(f"--out {out_dir} would replace the input {p}: choose a separate folder")
