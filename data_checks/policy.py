@@ -72,7 +72,7 @@ def _message(outcomes: list[Outcome], frames: dict[str, pd.DataFrame]) -> str:
                 v is not None for v in o.observed.get("values", []))):
             parts.append(f"{rule}: not measurable (column '{o.column}' has no values)")
         else:
-            parts.append(f"{rule}: observed {_observed(o.observed)}")
+            parts.append(f"expected {rule[:1].lower()}{rule[1:]}, but observed {_observed(o.observed)}")
     return "; ".join(parts)
 
 
