@@ -47,6 +47,7 @@ system-deps:  ## headless Chromium for the browser tests (Debian)
 		else echo "install Debian's chromium (sudo apt-get install chromium) for the browser tests"; fi; }
 
 test: install system-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:

@@ -50,7 +50,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from tasks import __version__
 from tasks.artifacts import atomic_dir, write_json_atomic
 from tasks.errors import PersoncarError
-from tasks.logs import log
+from tasks.logs import Progress, log
 
 ANNOTATIONS_REL = "trainval/annotations/bbox-annotations.json"
 IMAGES_REL = "trainval/images"
@@ -314,41 +314,10 @@ def _unlink(*paths: Path) -> None:
             p.unlink()
 
 
-class _ByteProgress:
-    """Progress in bytes, percent (when the size is known) and MB/s, at most once per ``every`` s."""
-
-    def __init__(self, what: str, total: int | None, every: float, done: int = 0):
-        self.what, self.total, self.every = what, total, every
-        self.start = self._last = time.monotonic()
-        self.done = self._base = done
-
-    def reset(self, done: int = 0) -> None:
-        self.start = self._last = time.monotonic()
-        self.done = self._base = done
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self._last = now
-            self._emit(now)
-
-    def finish(self) -> None:
-        self._emit(time.monotonic())
-
-    def _emit(self, now: float) -> None:
-        rate = (self.done - self._base) / max(now - self.start, 1e-9) / 1e6
-        if self.total:
-            log.info("%s: %d of %d bytes (%.1f%%), %.1f MB/s", self.what, self.done, self.total,
-                     100.0 * self.done / self.total, rate)
-        else:
-            log.info("%s: %d bytes, %.1f MB/s", self.what, self.done, rate)
-
-
 def _hash_file(path: Path, what: str, progress_every: float) -> tuple[str, int]:
     h = hashlib.sha256()
     size = path.stat().st_size
-    progress = _ByteProgress(what, size, progress_every)
+    progress = Progress(what, size, unit="bytes", every=progress_every)
     n = 0
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -731,7 +700,7 @@ def _download_to_part(remote: _Remote, src: _Source, paths: _CachePaths, *, retr
         else:
             log.info("resuming the partial download of %s at byte %d%s", src.display, size,
                      f" of {total}" if total else "")
-    progress = _ByteProgress(f"downloading {src.display}", total, progress_every, done=size)
+    progress = Progress(f"downloading {src.display}", total, unit="bytes", every=progress_every, done=size)
     failures = restarts = 0
     while True:
         gained = 0
@@ -838,7 +807,7 @@ def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_
     current = "(archive header)"
     where = "at the first member"
     size = archive.stat().st_size
-    progress = _ByteProgress(f"extracting {archive_name}", size, progress_every)
+    progress = Progress(f"extracting {archive_name}", size, unit="bytes", every=progress_every)
     with open(archive, "rb") as raw:
         magic = raw.read(6)
         raw.seek(0)

@@ -9,12 +9,20 @@ log = logging.getLogger("personcar")
 
 
 class Progress:
-    """Rate-limited progress lines: at most one every ``every`` seconds, plus the last one."""
+    """Rate-limited progress lines: at most one every ``every`` seconds, plus the last one.
 
-    def __init__(self, what: str, total: int | None = None, unit: str = "items", every: float = 5.0):
+    With ``unit="bytes"`` the line reads in bytes, percent and MB/s. ``done`` starts a count that
+    resumes part way (a resumed download); the rate counts only what this run added.
+    """
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "items", every: float = 5.0,
+                 done: int = 0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.reset(done)
+
+    def reset(self, done: int = 0) -> None:
         self.start = self._last = time.monotonic()
-        self.done = 0
+        self.done = self._base = done
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -27,11 +35,14 @@ class Progress:
         self._emit(time.monotonic())
 
     def _emit(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        if self.total:
-            pct = 100.0 * self.done / self.total
-            log.info("%s: %d/%d %s (%.1f%%), %.1f %s/s", self.what, self.done, self.total,
-                     self.unit, pct, rate, self.unit)
+        rate = (self.done - self._base) / max(now - self.start, 1e-9)
+        if self.unit == "bytes":
+            count, speed = "%d bytes" % self.done, "%.1f MB/s" % (rate / 1e6)
+            if self.total:
+                count = "%d of %d bytes" % (self.done, self.total)
         else:
-            log.info("%s: %d %s, %.1f %s/s", self.what, self.done, self.unit, rate, self.unit)
+            count, speed = f"{self.done} {self.unit}", f"{rate:.1f} {self.unit}/s"
+            if self.total:
+                count = f"{self.done}/{self.total} {self.unit}"
+        pct = f" ({100.0 * self.done / self.total:.1f}%)" if self.total else ""
+        log.info("%s: %s%s, %s", self.what, count, pct, speed)

@@ -88,3 +88,45 @@ def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "clean": pixel_area_copy(raw, root / "clean.json"),
         "images": root / "data" / "trainval" / "images",
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def strict_s3_server() -> Iterator[str]:
+    """moto's S3 server in its own process with authentication on: unknown keys are refused.
+
+    moto checks credentials only when ``INITIAL_NO_AUTH_ACTION_COUNT`` is set, a process-wide
+    setting, so this server runs apart from the shared ``s3_server`` fixture.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tasks import publish as pub
 from tasks import storage
 from tasks.errors import PersoncarError
@@ -251,44 +245,13 @@ def test_missing_bucket_is_a_clear_error(s3_server, s3_env, tmp_path):
         pub.load_index("s3://personcar-missing-bucket/reports", endpoint_url=s3_server)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def strict_s3() -> Iterator[str]:
-    """moto's S3 server in its own process with authentication on: unknown keys are refused."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_refused_credentials_are_a_clear_error(strict_s3, tmp_path, monkeypatch):
+def test_refused_credentials_are_a_clear_error(strict_s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREFUSED000000000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with pytest.raises(PersoncarError) as err:
         pub.publish(make_report(tmp_path / "r", 0.3), "s3://team-bucket/reports", run_id="r1",
-                    endpoint_url=strict_s3)
+                    endpoint_url=strict_s3_server)
     msg = str(err.value)
     assert "\n" not in msg and "s3://team-bucket/reports/" in msg
     assert "credentials refused" in msg and "InvalidAccessKeyId" in msg
@@ -296,7 +259,7 @@ def test_refused_credentials_are_a_clear_error(strict_s3, tmp_path, monkeypatch)
 
 def test_unreachable_endpoint_is_a_clear_error(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(PersoncarError) as err:
         pub.previous_run("s3://team-bucket/reports", endpoint_url=dead)
     msg = str(err.value)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -23,41 +19,6 @@ from tasks.errors import PersoncarError
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def strict_s3() -> Iterator[str]:
-    """moto's S3 server in its own process with authentication on: unknown keys are refused.
-
-    moto checks credentials only when ``INITIAL_NO_AUTH_ACTION_COUNT`` is set, a process-wide
-    setting, so this server runs apart from the shared ``s3_server`` fixture.
-    """
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 class CallCounter:
@@ -225,8 +186,8 @@ def test_missing_bucket_is_a_clear_error(s3_server, s3_env, report_tree):
     assert isinstance(err.value, PersoncarError)
 
 
-def test_refused_credentials_are_a_clear_error(strict_s3, report_tree, tmp_path):
-    client = storage.s3_client(strict_s3, aws_access_key_id="AKIANOTAREALKEY00000",
+def test_refused_credentials_are_a_clear_error(strict_s3_server, report_tree, tmp_path):
+    client = storage.s3_client(strict_s3_server, aws_access_key_id="AKIANOTAREALKEY00000",
                                aws_secret_access_key="wrong", region_name="us-east-1")
     with pytest.raises(storage.StorageError) as err:
         storage.upload_dir(report_tree, "s3://some-bucket/runs/r1", client=client)
