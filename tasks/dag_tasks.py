@@ -8,7 +8,9 @@ tasks one by one on a date finds the outputs of the tasks tested before it.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,42 @@ def run_key(run_id: str, logical_date: Any = None) -> str:
     return safe_run_id(run_id)
 
 
-def run_dir(context: dict[str, Any]) -> Path:
-    dag_run = context["dag_run"]
-    return Path(settings().artifact_root) / run_key(dag_run.run_id, getattr(dag_run, "logical_date", None))
+@contextlib.contextmanager
+def local_run(context: dict[str, Any], *, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Iterator[Path]:
+    """The run folder as a local path, whatever the artifact root.
+
+    For a local root this is the run folder itself. For an ``s3://`` root (production) the stage
+    works in a temp folder: ``inputs`` (stage folders, or single files when they have a suffix)
+    are synced down first, ``outputs`` (stage folders) are mirrored up when the stage succeeded,
+    so a failed stage leaves the store as it was.
+    """
+    from tasks import storage
+
+    st = settings()
+    key = run_key(context["dag_run"].run_id, getattr(context["dag_run"], "logical_date", None))
+    if not storage.is_remote(st.artifact_root):
+        yield Path(st.artifact_root) / key
+        return
+    remote = storage.join_uri(st.artifact_root, key)
+    creds = _aws_credentials(st.aws_conn_id)
+    client = storage.s3_client(creds.pop("endpoint_url", None) or st.s3_endpoint_url, **creds)
+    with tempfile.TemporaryDirectory(prefix="personcar-run-") as tmp:
+        local = Path(tmp) / key
+        for rel in inputs:
+            if Path(rel).suffix:
+                data = storage.read_bytes(storage.join_uri(remote, rel), client=client)
+                if data is not None:
+                    (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (local / rel).write_bytes(data)
+            else:
+                storage.download_dir(storage.join_uri(remote, rel), local / rel, client=client)
+        log.info("run folder: %s (staged in %s)", remote, local)
+        yield local
+        for rel in outputs:
+            if Path(rel).suffix:
+                storage.upload_files([(rel, local / rel)], remote, client=client)
+            else:
+                storage.upload_dir(local / rel, storage.join_uri(remote, rel), client=client, delete=True)
 
 
 def run_config(context: dict[str, Any]) -> RunConfig:
@@ -87,23 +122,25 @@ def _aws_credentials(conn_id: str) -> dict[str, Any]:
 def download_dataset(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.download import download_dataset as download
 
-    cfg, st, run = run_config(context), settings(), run_dir(context)
+    cfg, st = run_config(context), settings()
     kwargs = _aws_credentials(st.aws_conn_id) if cfg.dataset_source.startswith("s3://") else {}
     if st.s3_endpoint_url:
-        kwargs["endpoint_url"] = st.s3_endpoint_url
-    log.info("run folder: %s", run)
-    return download(cfg.dataset_source, run / "download", sha256=cfg.dataset_sha256, **kwargs)
+        kwargs.setdefault("endpoint_url", st.s3_endpoint_url)
+    with local_run(context, outputs=("download",)) as run:
+        log.info("run folder: %s", run)
+        return download(cfg.dataset_source, run / "download", sha256=cfg.dataset_sha256, **kwargs)
 
 
 def validate_annotations(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.validate import validate_annotations as validate
 
-    cfg, run = run_config(context), run_dir(context)
-    data = _require(run / "download" / "trainval", "the extracted dataset", "download_dataset")
-    out = run / "validate"
-    result = validate(data / "annotations" / "bbox-annotations.json", out, images=data / "images",
-                      max_quarantine_fraction=cfg.max_quarantine_fraction)
-    log.info("Great Expectations Data Docs: file://%s", out / "data_docs" / "index.html")
+    cfg = run_config(context)
+    with local_run(context, inputs=("download",), outputs=("validate",)) as run:
+        data = _require(run / "download" / "trainval", "the extracted dataset", "download_dataset")
+        out = run / "validate"
+        result = validate(data / "annotations" / "bbox-annotations.json", out, images=data / "images",
+                          max_quarantine_fraction=cfg.max_quarantine_fraction)
+        log.info("Great Expectations Data Docs: %s", out / "data_docs" / "index.html")
     return {k: result[k] for k in ("success", "counts") if k in result} | {
         "quarantined": len(result.get("quarantined_annotation_ids", []))}
 
@@ -111,59 +148,66 @@ def validate_annotations(context: dict[str, Any]) -> dict[str, Any]:
 def build_tfrecords(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.tfrecords import build_tfrecords as build
 
-    cfg, run = run_config(context), run_dir(context)
-    clean = _require(run / "validate" / "annotations.clean.json", "the cleaned annotations", "validate_annotations")
-    manifest = build(clean, run / "download" / "trainval" / "images", run / "tfrecords",
-                     num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    cfg = run_config(context)
+    with local_run(context, inputs=("download", "validate/annotations.clean.json"), outputs=("tfrecords",)) as run:
+        clean = _require(run / "validate" / "annotations.clean.json", "the cleaned annotations",
+                         "validate_annotations")
+        manifest = build(clean, run / "download" / "trainval" / "images", run / "tfrecords",
+                         num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
     return {split: {k: v for k, v in s.items() if k != "image_ids"} for split, s in manifest["splits"].items()}
 
 
 def train(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.train import train as run_training
 
-    cfg, run = run_config(context), run_dir(context)
-    data = _require(run / "tfrecords" / "manifest.json", "the TFRecords", "build_tfrecords").parent
-    summary = run_training(data, run / "train", cfg)
+    cfg = run_config(context)
+    with local_run(context, inputs=("tfrecords", "train"), outputs=("train",)) as run:
+        data = _require(run / "tfrecords" / "manifest.json", "the TFRecords", "build_tfrecords").parent
+        summary = run_training(data, run / "train", cfg)
     return {k: summary[k] for k in ("steps", "seconds", "seconds_per_step", "final_losses")}
 
 
 def evaluate(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.predict import evaluate_model
 
-    run = run_dir(context)
-    data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
-    _require(run / "train" / "train_summary.json", "a trained model", "train")
-    metrics = evaluate_model(run / "train", data, run / "evaluate")["metrics"]
+    with local_run(context, inputs=("tfrecords", "train/exported", "train/train_summary.json"),
+                   outputs=("evaluate",)) as run:
+        data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
+        _require(run / "train" / "train_summary.json", "a trained model", "train")
+        metrics = evaluate_model(run / "train", data, run / "evaluate")["metrics"]
     keys = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU", "DetectionBoxes_Precision/mAP@.75IOU")
     return {k: metrics[k] for k in keys if k in metrics}
+
+
+# what the report reads; images of the val split are fetched one by one in remote runs
+REPORT_INPUTS = ("download/download_manifest.json", "validate", "tfrecords/manifest.json", "tfrecords/val.coco.json",
+                 "train/train", "train/train_summary.json", "evaluate")
 
 
 def publish_report(context: dict[str, Any]) -> dict[str, Any]:
     import json
 
+    from tasks.artifacts import write_json_atomic
     from tasks.publish import gate_verdict, previous_run, publish
     from tasks.report import build_report
+    from tasks.storage import s3_client
 
-    cfg, st, run = run_config(context), settings(), run_dir(context)
-    metrics_path = _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
+    cfg, st = run_config(context), settings()
     dest = cfg.publish_dest or st.default_publish_dest()
     creds = _aws_credentials(st.aws_conn_id) if dest.startswith("s3://") else {}
     endpoint = creds.pop("endpoint_url", None) or st.s3_endpoint_url
-    client = None
-    if dest.startswith("s3://"):
-        from tasks.storage import s3_client
-
-        client = s3_client(endpoint, **creds)
-    gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
-    prev = previous_run(dest, client=client, exclude=run.name)
-    verdict = gate_verdict(json.loads(metrics_path.read_text()), prev, gate)
-    write_config = {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
-                    "backend": st.backend, "publish_dest": dest}
-    from tasks.artifacts import write_json_atomic
-
-    write_json_atomic(run / "config.json", write_config)
-    report = build_report(run, run / "report", previous=prev, gate=verdict)
-    published = publish(run / "report", dest, run_id=run.name, client=client, endpoint_url=endpoint, gate=gate)
+    client = s3_client(endpoint, **creds) if dest.startswith("s3://") else None
+    with local_run(context, inputs=REPORT_INPUTS, outputs=("report", "config.json")) as run:
+        metrics_path = _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
+        _fetch_val_images(context, run)
+        gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
+        prev = previous_run(dest, client=client, exclude=run.name)
+        verdict = gate_verdict(json.loads(metrics_path.read_text()), prev, gate)
+        write_json_atomic(run / "config.json", {
+            "run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
+            "backend": st.backend, "publish_dest": dest})
+        report = build_report(run, run / "report", previous=prev, gate=verdict)
+        published = publish(run / "report", dest, run_id=run.name, client=client, endpoint_url=endpoint, gate=gate)
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
     log.info("report: %s (%s)", report_url, verdict["reason"])
@@ -174,11 +218,26 @@ def publish_report(context: dict[str, Any]) -> dict[str, Any]:
             "gate": verdict["reason"]}
 
 
-def ensure_dirs() -> None:
-    """Create the local artifact root (no-op for s3:// roots)."""
-    root = settings().artifact_root
-    if "://" not in root:
-        os.makedirs(root, exist_ok=True)
+def _fetch_val_images(context: dict[str, Any], run: Path) -> None:
+    """In a staged (remote) run, bring the val images the report draws detections on."""
+    import json
+
+    from tasks import storage
+
+    st = settings()
+    images = run / "download" / "trainval" / "images"
+    gt = run / "tfrecords" / "val.coco.json"
+    if not storage.is_remote(st.artifact_root) or images.is_dir() or not gt.is_file():
+        return
+    creds = _aws_credentials(st.aws_conn_id)
+    client = storage.s3_client(creds.pop("endpoint_url", None) or st.s3_endpoint_url, **creds)
+    remote = storage.join_uri(st.artifact_root, run.name, "download", "trainval", "images")
+    pairs = [im["file_name"] for im in json.loads(gt.read_text())["images"]]
+    images.mkdir(parents=True)
+    for name in pairs:
+        data = storage.read_bytes(storage.join_uri(remote, name), client=client)
+        if data is not None:
+            (images / name).write_bytes(data)
 
 
 # -- kubernetes backend ------------------------------------------------------------------------
