@@ -75,5 +75,5 @@ def test_report_is_published_to_s3_with_content_types(s3_run: dict) -> None:
     assert head["ContentType"].startswith("text/html")
     index = json.loads(s3.get_object(Bucket="personcar-artifacts", Key="published/runs.json")["Body"].read())
     assert [e["run_id"] for e in index] == [key]
-    page = s3.get_object(Bucket="personcar-artifacts", Key=f"runs/{key}/report/report.html")["Body"].read().decode()
-    assert "sample_detections" in page or "Sample detections" in page
+    # the val images were staged for the report: its detection grid was drawn
+    assert f"runs/{key}/report/sample_detections.png" in s3_run["keys"]
