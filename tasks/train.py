@@ -129,6 +129,8 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
     _write_experiment_yaml(exp, model_dir)
     if exp.runtime.mixed_precision_dtype == "float16":
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    if exp.runtime.enable_xla:
+        tf.config.optimizer.set_jit("autoclustering")  # XLA clusters inside the step, on GPU
     tf.keras.utils.set_random_seed(r["seed"])
 
     strategy = _strategy(tf, gpus)
