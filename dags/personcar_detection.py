@@ -52,6 +52,8 @@ PARAMS = {
                    section="Training"),
     "backbone": Param(None, type=["null", "string"],
                       enum=[None, "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                      values_display={None: "the model's own", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
+                                      "resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnet152": "ResNet-152"},
                       title="Backbone override", description="ResNet depth; empty: the model's own.",
                       section="Training"),
     "steps": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, title="Training steps",

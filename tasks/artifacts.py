@@ -28,8 +28,15 @@ def stage_dir(artifact_root: str | os.PathLike[str], run_id: str, stage: str) ->
 
 
 def safe_run_id(run_id: str) -> str:
-    """Airflow run ids contain ':' and '+' (``scheduled__2026-11-23T00:00:00+00:00``)."""
-    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    """A folder name for a run id, unique per run id.
+
+    Airflow run ids contain ':' and '+' (``scheduled__2026-11-23T00:00:00+00:00``). Characters
+    outside ``[A-Za-z0-9._-]`` become '_', and a short hash of the original id is appended when
+    anything was replaced, so ``a:b`` and ``a_b`` never share a folder. Safe names map to themselves.
+    """
+    out = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in run_id)
+    if out != run_id:
+        out = f"{out}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
     if not out or out in {".", ".."}:
         raise ValueError(f"run id {run_id!r} cannot name a folder")
     return out
@@ -44,6 +51,7 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
         old = None
@@ -65,6 +73,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent, sort_keys=False)
@@ -75,6 +84,12 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -151,6 +151,11 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
             task.initialize(model)
             log.info("train: starting from %s", r["init_checkpoint"] or "scratch")
     start_step = int(optimizer.iterations.numpy())
+    done = _finished_summary(model_dir, total, manager.latest_checkpoint, export)
+    if start_step >= total and done is not None:
+        log.info("train: already trained to step %d with its export; keeping %s", start_step,
+                 model_dir / "train_summary.json")
+        return done
     dataset = strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(exp.task.train_data, ctx))
     box_weight = float(exp.task.losses.box_loss_weight)
 
@@ -227,6 +232,19 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
     return summary
 
 
+def _finished_summary(model_dir: Path, total: int, checkpoint: str | None, export: bool) -> dict[str, Any] | None:
+    """The summary of a run that already reached ``total`` steps (and exported), else None."""
+    path = model_dir / "train_summary.json"
+    if checkpoint is None or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("steps") != total or Path(summary.get("checkpoint") or "").name != Path(checkpoint).name:
+        return None
+    if export and not (model_dir / EXPORT_SUBDIR / "saved_model.pb").is_file():
+        return None
+    return summary
+
+
 def _od_losses(values: dict[str, float], box_weight: float) -> dict[str, float]:
     """Model Garden's running means, renamed to the OD API's loss summaries."""
     return {
@@ -253,6 +271,8 @@ def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
     from official.vision.serving import export_saved_model_lib
 
     final = model_dir / EXPORT_SUBDIR
+    for stale in model_dir.glob(".exported-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".exported-", dir=model_dir))
     try:
         size = exp.task.model.input_size[:2]

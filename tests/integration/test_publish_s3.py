@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import free_port
 from tasks import publish as pub
+from tasks.artifacts import safe_run_id
 from tasks import storage
 from tasks.errors import PersoncarError
 
@@ -59,7 +60,8 @@ def test_publish_uploads_run_folder_with_content_types_and_index(s3, tmp_path):
     result = pub.publish(src, f"s3://{bucket}/published", run_id="manual__2026-01-01T00:00:00+00:00",
                          endpoint_url=endpoint, extra_files={"validation.json": validation})
 
-    run = "manual__2026-01-01T00_00_00_00_00"
+    run = safe_run_id("manual__2026-01-01T00:00:00+00:00")
+    assert run.startswith("manual__2026-01-01T00_00_00_00_00-")  # folder-safe, with a hash of the original id
     assert result["run_id"] == run
     assert result["uri"] == f"s3://{bucket}/published/{run}/"
     assert result["report_url"] == f"s3://{bucket}/published/{run}/report.html"

@@ -94,7 +94,8 @@ def test_resume_continues_from_the_last_checkpoint(sample_dataset: dict, tmp_pat
     second = train(data, tmp_path / "m", RunConfig(steps=6, **run), log_every=2, checkpoint_every=2, export=False)
     assert (second["start_step"], second["steps"], second["trained_steps"]) == (4, 6, 2)
     again = train(data, tmp_path / "m", RunConfig(steps=6, **run), export=False)
-    assert again["trained_steps"] == 0
+    assert again == second  # a finished run re-run keeps its summary: nothing trained, nothing lost
+    assert json.loads((tmp_path / "m" / "train_summary.json").read_text()) == second
 
 
 def test_non_finite_loss_stops_with_a_clear_error(sample_dataset: dict, tmp_path: Path,

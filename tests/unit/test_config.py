@@ -67,3 +67,19 @@ def test_settings_from_environment_and_overrides() -> None:
     assert Settings.from_env({}, artifact_root="/x").artifact_root == "/x"
     with pytest.raises(PersoncarError, match="backend"):
         Settings.from_env({"PERSONCAR_EXECUTION_BACKEND": "slurm"})
+
+
+def test_run_folders_are_unique_per_run_id() -> None:
+    from tasks.artifacts import safe_run_id
+    from tasks.dag_tasks import run_key
+
+    ids = ["a:b", "a_b", "a+b", "manual__2026-01-05T00:00:00+00:00", "scheduled__2026-01-05T00:00:00+00:00"]
+    folders = [safe_run_id(i) for i in ids]
+    assert len(set(folders)) == len(ids)
+    assert all(set(f) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for f in folders)
+    assert safe_run_id("a_b") == "a_b" and safe_run_id(safe_run_id("a:b")) == safe_run_id("a:b")
+    import datetime as dt
+
+    when = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+    assert run_key("__airflow_temporary_run_2026-11-25T10:00:00__", when) == run_key(
+        "__airflow_temporary_run_2026-11-25T11:00:00__", when)  # tasks tested one by one share a folder

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks import publish as pub
+from tasks.artifacts import safe_run_id
 from tasks import storage
 from tasks.errors import PersoncarError
 
@@ -45,7 +46,8 @@ def test_publish_to_file_uri_writes_run_folder_and_index(tmp_path):
     src = make_report(tmp_path / "run" / "report", 0.4)
     result = pub.publish(src, dest.as_uri(), run_id="scheduled__2026-11-23T00:00:00+00:00")
 
-    run = "scheduled__2026-11-23T00_00_00_00_00"
+    run = safe_run_id("scheduled__2026-11-23T00:00:00+00:00")
+    assert run.startswith("scheduled__2026-11-23T00_00_00_00_00-")  # folder-safe, with a hash of the original id
     assert result["uri"] == f"{dest.as_uri()}/{run}/"
     assert result["report_url"] == f"{dest.as_uri()}/{run}/report.html"
     assert files_under(dest / run) == ["loss.png", "metrics.json", "report.html", "report.md"]
