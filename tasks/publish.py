@@ -54,6 +54,7 @@ INDEX_NAME = "runs.json"
 LATEST_DIR = "latest"
 POINTER_NAME = "pointer.json"
 LOCK_NAME = ".runs.json.lock"
+LATEST_LOCK_NAME = ".latest.lock"
 
 #: Short names kept in the index, and the OD API metric each one comes from.
 INDEX_METRICS = {
@@ -437,14 +438,16 @@ def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path
         storage.delete_keys(client, bucket, stale)
     else:
         root = storage.local_path(latest_uri)
-        storage.upload_files(payload, latest_uri, delete=False, skip_unchanged=False)
-        if _superseded(dest, run, client):
-            return latest_uri + "/"
-        write_json_atomic(root / POINTER_NAME, pointer)
-        keep = {rel for rel, _ in payload} | {POINTER_NAME}
-        for rel, path in storage.list_files(root):
-            if rel not in keep:
-                path.unlink()
+        # one writer at a time: the stale-file sweep must not catch another writer's temp files
+        with _file_lock(root.parent / LATEST_LOCK_NAME):
+            if _superseded(dest, run, client):
+                return latest_uri + "/"
+            storage.upload_files(payload, latest_uri, delete=False, skip_unchanged=False)
+            write_json_atomic(root / POINTER_NAME, pointer)
+            keep = {rel for rel, _ in payload} | {POINTER_NAME}
+            for rel, path in storage.list_files(root):
+                if rel not in keep:
+                    path.unlink()
     log.info("%s/ now holds run %s (pointer.json written last)", latest_uri, run)
     return latest_uri + "/"
 
