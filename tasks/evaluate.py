@@ -99,6 +99,20 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """A ``metrics.json`` written by :func:`evaluate`, or a one-line PersoncarError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PersoncarError(f"{path}: not found; run `personcar evaluate` for this run first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PersoncarError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PersoncarError(f"{path}: must be a JSON object of metric names to values")
+    return data
+
+
 def load_ground_truth(path: str | Path) -> dict[str, Any]:
     """Read and check a COCO ground-truth file; areas must be in pixels."""
     path = Path(path)

@@ -47,6 +47,7 @@ from typing import Any
 
 from tasks import storage
 from tasks.artifacts import atomic_dir, safe_run_id, sha256_file, write_json_atomic
+from tasks.evaluate import load_metrics
 from tasks.errors import PersoncarError
 from tasks.logs import log
 
@@ -116,7 +117,7 @@ def publish(
         raise PersoncarError(f"{src}: report folder is empty, nothing to publish")
     names = [rel for rel, _ in files]
     metrics_file = dict(files).get("metrics.json")
-    all_metrics = _read_metrics(metrics_file) if metrics_file else {}
+    all_metrics = load_metrics(metrics_file) if metrics_file else {}
     if metrics_file is None:
         log.warning("%s: no metrics.json; the run is indexed without metrics and cannot be promoted", src)
     report_rel = "report.html" if "report.html" in names else next(
@@ -493,16 +494,6 @@ def _collect_files(src: Path, extra: dict[str, Path]) -> list[tuple[str, Path]]:
             raise PersoncarError(f"{path}: extra file {clash[0]!r} clashes with a file of {src}")
         files.update(add)
     return sorted(files.items())
-
-
-def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PersoncarError(f"{path}: cannot read metrics ({exc})") from exc
-    if not isinstance(data, dict):
-        raise PersoncarError(f"{path}: metrics.json must be a JSON object of metric names to values")
-    return data
 
 
 def _number(value: Any) -> float | None:

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tasks.artifacts import atomic_dir
-from tasks.errors import PersoncarError
+from tasks.evaluate import load_metrics
 from tasks.logs import log
 
 MAP = "DetectionBoxes_Precision/mAP"
@@ -518,14 +518,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
     """
     run_dir, out = Path(run_dir), Path(out)
     metrics_path = run_dir / "evaluate" / "metrics.json"
-    if not metrics_path.is_file():
-        raise PersoncarError(f"{metrics_path}: not found; run `personcar evaluate` for this run first")
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PersoncarError(f"{metrics_path}: not valid JSON ({e})") from None
-    if not isinstance(metrics, dict):
-        raise PersoncarError(f"{metrics_path}: must be a JSON object of metric name -> value")
+    metrics = load_metrics(metrics_path)
     baseline = dict(BASELINE if baseline is None else baseline)
     prev_metrics, prev_label = _normalise_previous(previous)
     notes: list[str] = []

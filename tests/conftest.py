@@ -130,3 +130,17 @@ def strict_s3_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def chromium_path() -> str:
+    """Debian's headless Chromium: required in CI (the test fails), skipped elsewhere when absent."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    msg = "headless Chromium not found (Debian: apt-get install chromium; `make test` installs it as root)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)

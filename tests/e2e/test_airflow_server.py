@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import chromium_path
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -758,15 +759,6 @@ def test_the_aws_secret_of_the_connection_is_never_written(airflow: Airflow, run
 # --------------------------------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe:
-        return exe
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("chromium is required in CI (apt-get install -y chromium)")
-    pytest.skip("chromium not installed (apt-get install -y chromium)")
-
-
 class Browser:
     """Headless Chromium driven over the DevTools protocol (one page)."""
 
@@ -777,7 +769,7 @@ class Browser:
         self.stderr = profile.with_suffix(".stderr.log")
         with self.stderr.open("w") as err:
             self.proc = subprocess.Popen(
-                [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
                  f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
@@ -846,7 +838,7 @@ class Browser:
 
 @pytest.fixture()
 def browser(tmp_path: Path) -> Iterator[Browser]:
-    _chromium()
+    chromium_path()
     b = Browser(tmp_path / "chromium-profile")
     try:
         b.send("Page.enable")

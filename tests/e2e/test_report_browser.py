@@ -8,7 +8,6 @@ leaves the machine. Without Chromium the tests skip, except in CI (``CI=true``) 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import chromium_path
 
 from tasks.report import build_report
 from tests.unit.test_report import EVIL_CLASS, EVIL_FILE, make_fake_run
@@ -36,14 +37,7 @@ PLOT_BLUE, PLOT_RED, OTHER_GREEN = (29, 114, 243), (230, 57, 70), (42, 157, 143)
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    msg = "headless Chromium not found (Debian: apt-get install chromium)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    return chromium_path()
 
 
 def run_chromium(binary: str, page: Path, work: Path, *action: str) -> tuple[str, list[dict]]:
