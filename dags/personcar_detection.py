@@ -70,6 +70,10 @@ PARAMS = {
     "init_checkpoint": Param(None, type=["null", "string"], title="Fine-tune from",
                              description="Checkpoint for the backbone (path or s3://); empty: from scratch.",
                              section="Training"),
+    "augment": Param(True, type="boolean", title="Augmentation",
+                     description="Random horizontal flip and 0.8-1.2x scale jitter of training images; "
+                                 "off to check that the model can memorise its training set.",
+                     section="Training"),
     "seed": Param(42, type="integer", minimum=0, title="Seed", section="Training"),
     "publish_dest": Param(None, type=["null", "string"], title="Publish to",
                           description="s3://bucket/prefix or file://...; empty: <artifact root>/published.",

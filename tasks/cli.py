@@ -128,7 +128,7 @@ def run_config_from_args(a: argparse.Namespace) -> Any:
         if not isinstance(params, dict):
             raise PersoncarError("--run-config must be a JSON object of run parameters")
     for key in ("model", "backbone", "steps", "batch_size", "image_size", "learning_rate", "init_checkpoint",
-                "seed", "num_shards", "val_fraction"):
+                "augment", "seed", "num_shards", "val_fraction"):
         value = getattr(a, key, None)
         if value is not None:
             params[key] = value
@@ -235,13 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("train", cmd_train, "train (or resume) the detector and export a SavedModel")
     s.add_argument("--data", required=True, help="TFRecord folder")
     s.add_argument("--model-dir", required=True)
-    s.add_argument("--model", default="ssd_resnet152_v1_fpn_640x640")
+    s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
     s.add_argument("--backbone", help="resnet18/34/50/101/152 (default: the model's)")
     s.add_argument("--steps", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--image-size", type=int)
     s.add_argument("--learning-rate", type=float)
     s.add_argument("--init-checkpoint", help="checkpoint to fine-tune the backbone from")
+    s.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                   help="no random flip / scale jitter (overfit checks: memorise the training images)")
     s.add_argument("--seed", type=int)
     s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
     s.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")

@@ -68,6 +68,7 @@ class RunConfig(BaseModel):
     image_size: int | None = Field(default=None, ge=128, le=1536, description="Square input side.")
     learning_rate: float | None = Field(default=None, gt=0, le=10, description="Base (peak) LR.")
     init_checkpoint: str | None = Field(default=None, description="Checkpoint to fine-tune from.")
+    augment: bool = Field(default=True, description="Random flip and scale jitter of training images.")
     val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     num_shards: int | None = Field(default=None, ge=1, le=1024)
     seed: int = Field(default=42, ge=0)
@@ -142,6 +143,7 @@ class RunConfig(BaseModel):
             "warmup_learning_rate": lr * d["warmup_learning_rate"] / d["learning_rate"],
             "warmup_steps": warmup,
             "init_checkpoint": self.init_checkpoint,
+            "augment": self.augment,
             "seed": self.seed,
         }
 

@@ -78,6 +78,8 @@ def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None =
                 "dtype": "float16" if on_gpu else "float32",
                 "shuffle_buffer_size": 1000,
                 "seed": r["seed"],
+                **({} if r["augment"] else
+                   {"parser": {"aug_rand_hflip": False, "aug_scale_min": 1.0, "aug_scale_max": 1.0}}),
             },
             "validation_data": {
                 "input_path": str(data_dir / "val-*.tfrecord"),

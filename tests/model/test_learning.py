@@ -133,3 +133,24 @@ def test_saved_model_and_detections_file_evaluate_to_the_same_numbers(overfit: d
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     c = json.loads((root / "eval" / "metrics.json").read_text())
     assert a == b == c
+
+
+def test_experiment_follows_the_run_config(tmp_path: Path) -> None:
+    from tasks.train import build_experiment
+
+    cpu = build_experiment(RunConfig(steps=100, batch_size=8), tmp_path, gpus=0)
+    parser = cpu.task.train_data.parser
+    assert (parser.aug_rand_hflip, parser.aug_scale_min, parser.aug_scale_max) == (True, 0.8, 1.2)
+    assert cpu.runtime.mixed_precision_dtype == "float32" and not cpu.runtime.enable_xla
+    assert cpu.task.model.backbone.resnet.model_id == 152 and cpu.task.model.input_size == [640, 640, 3]
+    assert cpu.trainer.train_steps == 100 and cpu.task.train_data.global_batch_size == 8
+    assert cpu.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 8 / 64)
+    assert cpu.task.train_data.input_path == str(tmp_path / "train-*.tfrecord")
+
+    plain = build_experiment(RunConfig(model=TINY, augment=False), tmp_path, gpus=0).task.train_data.parser
+    assert (plain.aug_rand_hflip, plain.aug_scale_min, plain.aug_scale_max) == (False, 1.0, 1.0)
+
+    gpu = build_experiment(RunConfig(backbone="resnet50"), tmp_path, gpus=2)
+    assert gpu.runtime.mixed_precision_dtype == "float16" and gpu.runtime.enable_xla
+    assert gpu.runtime.distribution_strategy == "mirrored" and gpu.runtime.num_gpus == 2
+    assert gpu.task.model.backbone.resnet.model_id == 50

@@ -36,6 +36,17 @@ def test_train_rejects_bad_options_before_importing_tensorflow(tmp_path: Path, c
     assert "backbone: Input should be" in capsys.readouterr().err
 
 
+def test_train_flags_override_the_run_config_json() -> None:
+    from tasks.cli import run_config_from_args
+
+    base = ["train", "--data", "d", "--model-dir", "m"]
+    conf = json.dumps({"model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 50, "augment": True})
+    cfg = run_config_from_args(build_parser().parse_args([*base, "--run-config", conf, "--steps", "7", "--no-augment"]))
+    assert (cfg.model, cfg.steps, cfg.augment) == ("ssd_resnet18_v1_fpn_256x256_tiny", 7, False)
+    assert run_config_from_args(build_parser().parse_args([*base, "--run-config", conf])).augment is True
+    assert run_config_from_args(build_parser().parse_args(base)).augment is True
+
+
 def test_tfrecords_command_writes_the_contract_files(sample_dataset: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tfr"
