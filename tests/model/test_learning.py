@@ -1,9 +1,11 @@
 """Model tests: the detector really learns (overfit check), resumes, exports and predicts.
 
-The overfit check trains the small ResNet-18 config on a few generated images and evaluates on the
-same images (TFRecords built with --val-fraction 0 and 1): reaching mAP@.50IOU >= 0.9 proves that
-labels, box coordinates and class ids line up from the JSON through the TFRecords, the model and
-the evaluation. The default config stays SSD ResNet-152 at 640 (tests/unit/test_config.py).
+The overfit check trains the small ResNet-18 config on a few generated images, without augmentation,
+and evaluates on the same images (TFRecords built with --val-fraction 0 and 1): reaching
+mAP@.50IOU >= 0.9 proves that labels, box coordinates and class ids line up from the JSON through
+the TFRecords, the model and the evaluation. Without augmentation the run memorises its images
+(classification and box losses near zero) on any CPU; with flip and scale jitter the same 500 steps
+ended anywhere between mAP@.50IOU 0.65 and 0.94 across machines. The default config stays SSD ResNet-152 at 640 (tests/unit/test_config.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tasks.tfrecords import build_tfrecords
 
 pytestmark = pytest.mark.slow
 TINY = "ssd_resnet18_v1_fpn_256x256_tiny"
-OVERFIT_STEPS = 500
+OVERFIT_STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def overfit(tmp_path_factory: pytest.TempPathFactory) -> dict:
     build_tfrecords(clean, images, root / "eval_tfr", val_fraction=1.0)
     start = time.monotonic()
     summary = train(root / "train_tfr", root / "model",
-                    RunConfig(model=TINY, steps=OVERFIT_STEPS, learning_rate=0.03, seed=1), log_every=50)
+                    RunConfig(model=TINY, steps=OVERFIT_STEPS, learning_rate=0.03, augment=False, seed=1), log_every=50)
     metrics = evaluate_model(root / "model", root / "eval_tfr", root / "eval")["metrics"]
     seconds = time.monotonic() - start
     print(f"overfit: mAP@.50IOU {metrics['DetectionBoxes_Precision/mAP@.50IOU']:.3f}, "
@@ -62,6 +64,9 @@ def test_losses_fall_and_are_logged_under_od_api_names(overfit: dict) -> None:
         assert tag in flat, sorted(flat)
     total = [v for _, v in flat["Loss/total_loss"]]
     assert total[-1] < 0.8 * total[0]
+    for tag in ("Loss/classification_loss", "Loss/localization_loss"):  # memorised: both near zero
+        values = [v for _, v in flat[tag]]
+        assert values[-1] < 0.2 * values[0], (tag, values)
     assert overfit["summary"]["steps"] == OVERFIT_STEPS
 
 
