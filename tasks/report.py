@@ -743,8 +743,8 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
         "promoted": promoted,
         "not_available": missing,
     }
-    log.info("report written: %s (mAP@.50IOU %s; not available: %s)", out / "report.html",
-             fmt(metrics.get(MAP50)), ", ".join(missing) or "nothing")
+    log.info("report written: %s (mAP@.50IOU %s; %s)", out / "report.html", fmt(metrics.get(MAP50)),
+             f"sections not available: {', '.join(missing)}" if missing else "all sections present")
     return summary
 
 
