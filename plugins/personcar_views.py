@@ -12,7 +12,9 @@ access to the ``personcar_detection`` DAG's runs):
 
 Where runs are published: ``PERSONCAR_PUBLISH_DEST``, else the Airflow Variable
 ``personcar_publish_dest``, else ``<PERSONCAR_ARTIFACT_ROOT or ~/personcar-artifacts>/published``.
-An S3-compatible endpoint comes from ``PERSONCAR_S3_ENDPOINT_URL``, the Variable
+S3 is read with the Airflow AWS connection the tasks use (``PERSONCAR_AWS_CONN_ID``, the Variable
+``personcar_aws_conn_id``, else ``aws_default``): its credentials and endpoint, else boto3's default
+chain. An S3-compatible endpoint may also come from ``PERSONCAR_S3_ENDPOINT_URL``, the Variable
 ``personcar_s3_endpoint_url`` or boto3's own ``AWS_ENDPOINT_URL_S3``.
 
 This module is imported only when the first request reaches the app: the Airflow processes that
@@ -64,6 +66,29 @@ def publish_dest() -> str:
 
 def s3_endpoint_url() -> str | None:
     return os.environ.get("PERSONCAR_S3_ENDPOINT_URL") or _variable("personcar_s3_endpoint_url")
+
+
+def s3_client() -> Any:
+    """boto3 S3 client for the publish destination, with the tasks' AWS connection."""
+    from tasks.dag_tasks import connection_s3_client
+
+    conn_id = os.environ.get("PERSONCAR_AWS_CONN_ID") or _variable("personcar_aws_conn_id") or "aws_default"
+    return connection_s3_client(conn_id, s3_endpoint_url())
+
+
+def load_runs() -> tuple[str, list[dict], dict | None, str | None]:
+    """(destination, runs index, ``latest/`` pointer, error line or None) for the runs page."""
+    from tasks import storage
+    from tasks.errors import PersoncarError
+    from tasks.publish import load_index, load_pointer
+
+    dest = os.environ.get("PERSONCAR_PUBLISH_DEST") or "?"
+    try:
+        dest = publish_dest()
+        client = s3_client() if storage.is_remote(dest) else None
+        return dest, load_index(dest, client=client), load_pointer(dest, client=client), None
+    except PersoncarError as exc:
+        return dest, [], None, str(exc)
 
 
 def relative_to_dest(uri: str, dest: str) -> str | None:
@@ -293,19 +318,6 @@ def build_app() -> Any:
 
     app = FastAPI(title="personcar runs", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def load() -> tuple[str, list[dict], dict | None, str | None]:
-        from tasks import storage
-        from tasks.errors import PersoncarError
-        from tasks.publish import load_index, load_pointer
-
-        dest = os.environ.get("PERSONCAR_PUBLISH_DEST") or "?"
-        try:
-            dest = publish_dest()
-            client = storage.s3_client(s3_endpoint_url()) if storage.is_remote(dest) else None
-            return dest, load_index(dest, client=client), load_pointer(dest, client=client), None
-        except PersoncarError as exc:
-            return dest, [], None, str(exc)
-
     @app.get("/", response_class=HTMLResponse)
     async def runs_page(request: Request) -> Any:
         try:
@@ -318,14 +330,14 @@ def build_app() -> Any:
             return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), 307)
         from starlette.concurrency import run_in_threadpool
 
-        dest, entries, pointer, error = await run_in_threadpool(load)
+        dest, entries, pointer, error = await run_in_threadpool(load_runs)
         return HTMLResponse(render_page(entries, dest=dest, pointer=pointer, error=error),
                             status_code=502 if error else 200,
                             headers={"Cache-Control": "no-store"})
 
     @app.get("/api/runs", dependencies=[Depends(require_access)])
     def runs_json() -> Any:
-        dest, entries, pointer, error = load()
+        dest, entries, pointer, error = load_runs()
         if error:
             return JSONResponse({"dest": dest, "error": error}, status_code=502)
         return {"dest": dest, "runs": entries, "latest": pointer}
@@ -338,8 +350,7 @@ def build_app() -> Any:
             raise HTTPException(status_code=404, detail="not found")
         dest = publish_dest()
         if storage.is_remote(dest):
-            url = storage.presigned_url(storage.join_uri(dest, path),
-                                        client=storage.s3_client(s3_endpoint_url()), expires_in=900)
+            url = storage.presigned_url(storage.join_uri(dest, path), client=s3_client(), expires_in=900)
             return RedirectResponse(url, status_code=307)
         root = storage.local_path(dest).resolve()
         target = (root / path).resolve()

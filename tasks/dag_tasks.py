@@ -64,8 +64,7 @@ def local_run(context: dict[str, Any], *, inputs: tuple[str, ...] = (), outputs:
         yield Path(st.artifact_root) / key
         return
     remote = storage.join_uri(st.artifact_root, key)
-    creds = _aws_credentials(st.aws_conn_id)
-    client = storage.s3_client(creds.pop("endpoint_url", None) or st.s3_endpoint_url, **creds)
+    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url)
     with tempfile.TemporaryDirectory(prefix="personcar-run-") as tmp:
         local = Path(tmp) / key
         for rel in inputs:
@@ -116,6 +115,18 @@ def _aws_credentials(conn_id: str) -> dict[str, Any]:
     if endpoint:
         out["endpoint_url"] = endpoint
     return out
+
+
+def connection_s3_client(conn_id: str, endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client with the Airflow AWS connection's credentials and endpoint.
+
+    Without a usable connection: boto3's default chain, and ``endpoint_url`` (the deployment's
+    S3-compatible endpoint) when the connection names none.
+    """
+    from tasks.storage import s3_client
+
+    creds = _aws_credentials(conn_id)
+    return s3_client(creds.pop("endpoint_url", None) or endpoint_url, **creds)
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -229,8 +240,7 @@ def _fetch_val_images(context: dict[str, Any], run: Path) -> None:
     gt = run / "tfrecords" / "val.coco.json"
     if not storage.is_remote(st.artifact_root) or images.is_dir() or not gt.is_file():
         return
-    creds = _aws_credentials(st.aws_conn_id)
-    client = storage.s3_client(creds.pop("endpoint_url", None) or st.s3_endpoint_url, **creds)
+    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url)
     remote = storage.join_uri(st.artifact_root, run.name, "download", "trainval", "images")
     pairs = [im["file_name"] for im in json.loads(gt.read_text())["images"]]
     images.mkdir(parents=True)

@@ -421,3 +421,40 @@ def test_page_for_an_unreadable_index_and_for_no_runs(plugin_modules):
     assert 'id="empty"' in page and "No runs published yet." in page
     chart = views.render_chart([{"run_id": "a", "metrics": {}}])
     assert "no metrics published yet" in chart and "<circle" not in chart
+
+
+def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, monkeypatch, tmp_path):
+    """Credentials and endpoint only in the Airflow connection: the view lists the runs and signs links."""
+    from tasks import storage
+
+    _, views = plugin_modules
+    endpoint, bucket = s3_bucket
+    dest = f"s3://{bucket}/personcar/published"
+    client = storage.s3_client(endpoint)
+    run_id = "scheduled__2026-11-23T03:00:00+00:00"
+    published = pub.publish(_report(tmp_path / "r", run_id, 0.41), dest, run_id=run_id, client=client)
+
+    key, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "PERSONCAR_S3_ENDPOINT_URL", "PERSONCAR_AWS_CONN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("PERSONCAR_PUBLISH_DEST", dest)
+
+    dest_seen, entries, pointer, error = views.load_runs()  # no connection: boto3's chain finds nothing
+    assert entries == [] and error and bucket in error
+
+    monkeypatch.setenv("PERSONCAR_AWS_CONN_ID", "personcar_s3")
+    monkeypatch.setenv("AIRFLOW_CONN_PERSONCAR_S3", json.dumps({
+        "conn_type": "aws", "login": key, "password": secret,
+        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}}))
+    dest_seen, entries, pointer, error = views.load_runs()
+    assert error is None and dest_seen == dest
+    assert [e["run_id"] for e in entries] == [published["run_id"]] and entries[0]["metrics"]["mAP@.50IOU"] == 0.41
+    assert pointer["run_id"] == published["run_id"]
+    signed = storage.presigned_url(f"{dest}/{entries[0]['report']}", client=views.s3_client())
+    assert signed.startswith(f"{endpoint}/{bucket}/") and "Signature" in signed
+    with urllib.request.urlopen(signed, timeout=10) as resp:
+        assert b"report scheduled__2026-11-23" in resp.read()
