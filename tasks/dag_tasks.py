@@ -106,7 +106,8 @@ def _aws_credentials(conn_id: str) -> dict[str, Any]:
         creds = hook.get_credentials()
         endpoint = hook.conn_config.endpoint_url
     except Exception as exc:  # connection not defined: boto3's default chain / anonymous access
-        log.info("AWS connection %r not usable (%s); using the default credential chain", conn_id, type(exc).__name__)
+        why = "no credentials in it or in the environment" if isinstance(exc, AttributeError) else type(exc).__name__
+        log.info("AWS connection %r not usable (%s); using boto3's default chain or anonymous access", conn_id, why)
         return {}
     out: dict[str, Any] = {}
     if creds and creds.access_key:
