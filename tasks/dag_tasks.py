@@ -202,13 +202,10 @@ def publish_report(context: dict[str, Any]) -> dict[str, Any]:
     from tasks.artifacts import write_json_atomic
     from tasks.publish import gate_verdict, previous_run, publish
     from tasks.report import build_report
-    from tasks.storage import s3_client
 
     cfg, st = run_config(context), settings()
     dest = cfg.publish_dest or st.default_publish_dest()
-    creds = _aws_credentials(st.aws_conn_id) if dest.startswith("s3://") else {}
-    endpoint = creds.pop("endpoint_url", None) or st.s3_endpoint_url
-    client = s3_client(endpoint, **creds) if dest.startswith("s3://") else None
+    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url) if dest.startswith("s3://") else None
     with local_run(context, inputs=REPORT_INPUTS, outputs=("report", "config.json")) as run:
         metrics_path = _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
         _fetch_val_images(context, run)
@@ -219,7 +216,7 @@ def publish_report(context: dict[str, Any]) -> dict[str, Any]:
             "run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
             "backend": st.backend, "publish_dest": dest})
         report = build_report(run, run / "report", previous=prev, gate=verdict)
-        published = publish(run / "report", dest, run_id=run.name, client=client, endpoint_url=endpoint, gate=gate)
+        published = publish(run / "report", dest, run_id=run.name, client=client, gate=gate)
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
     log.info("report: %s (%s)", report_url, verdict["reason"])
