@@ -210,7 +210,10 @@ def _coco_objects(gt: dict[str, Any], dets: list[dict[str, Any]]):
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        # COCOeval stores the id of the matched ground truth and tests it for truth, so a match to
+        # annotation id 0 counts as no match: number the ground truth 1..N for the evaluation.
+        renumbered = [{**a, "id": i} for i, a in enumerate(gt["annotations"], start=1)]
+        coco_gt.dataset = {"images": gt["images"], "annotations": renumbered, "categories": gt["categories"]}
         coco_gt.createIndex()
         coco_dt = COCO()
         anns = []

@@ -109,3 +109,28 @@ def test_raw_areas_would_break_cocoeval_silently(raw_gt_path: Path, tmp_path: Pa
         ev.accumulate()
         ev.summarize()
     assert ev.stats[4] == -1 and ev.stats[5] == -1  # APm, APl
+
+
+def _ground_truth_as_detections(gt: dict) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt["annotations"]]
+
+
+def test_ground_truth_as_detections_scores_exactly_one_on_the_full_file(shared_data: Path, tmp_path: Path) -> None:
+    """Every box counts, annotation id 0 included (COCOeval alone drops a match to id 0).
+
+    The three zero-width boxes are left out: validation quarantines them and COCO cannot match them
+    (their IoU with anything, themselves included, is 0/0)."""
+    gt = json.loads((shared_data / "bbox-annotations.full.json").read_text())
+    gt["annotations"] = [a for a in gt["annotations"] if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    for a in gt["annotations"]:
+        a["area"] = a["bbox"][2] * a["bbox"][3]
+    assert min(a["id"] for a in gt["annotations"]) == 0
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "det.json").write_text(json.dumps(_ground_truth_as_detections(gt)))
+    metrics = evaluate(tmp_path / "gt.json", tmp_path / "det.json", tmp_path / "out")["metrics"]
+    for key in ("mAP", "mAP@.50IOU", "mAP@.75IOU"):
+        assert metrics[f"DetectionBoxes_Precision/{key}"] == 1.0, (key, metrics)
+    for name in ("person", "car"):
+        assert metrics[f"DetectionBoxes_PerformanceByCategory/mAP/{name}"] == 1.0
+    assert metrics["DetectionBoxes_Recall/AR@100"] == 1.0

@@ -90,6 +90,24 @@ def test_ground_truth_as_detections_scores_one(tmp_path: Path) -> None:
     assert errors["worst_images"] == []
 
 
+@pytest.mark.parametrize("ids", ["from_zero", "shuffled_with_zero"])
+def test_ground_truth_as_detections_is_one_whatever_the_annotation_ids(tmp_path: Path, ids: str) -> None:
+    """pycocotools alone scores a match to annotation id 0 as a miss (the real file starts at 0)."""
+    gt = make_gt(ALL_SIZES)
+    new_ids = list(range(len(ALL_SIZES))) if ids == "from_zero" else [7, 0, 3, 12, 1, 5, 9]
+    for a, new_id in zip(gt["annotations"], new_ids, strict=True):
+        a["id"] = new_id
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt["annotations"]]
+    gt_path, det_path = write(tmp_path / "gt.json", gt), write(tmp_path / "det.json", dets)
+    m = evaluate(gt_path, det_path, tmp_path / "out")["metrics"]
+    assert m["DetectionBoxes_Precision/mAP"] == 1.0
+    assert m["DetectionBoxes_Precision/mAP@.50IOU"] == 1.0
+    assert m["DetectionBoxes_Recall/AR@100"] == 1.0
+    # the undercount is real: pycocotools on the same files misses the box with id 0
+    assert coco_direct(gt_path, det_path).stats[0] < 1.0
+
+
 def test_hand_built_case_agrees_with_pycocotools(tmp_path: Path) -> None:
     gt = make_gt([
         (0, 1, [10, 10, 100, 200]),
