@@ -14,7 +14,7 @@ export AIRFLOW__CORE__UNIT_TEST_MODE := False
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 200, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
+DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 200, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
 
 .PHONY: install demo test lock system-deps clean
 

@@ -1,10 +1,13 @@
 """Training speed and peak memory on this machine's CPU, per backbone and image size.
 
-Each configuration trains in a fresh process on a generated sample (batch 2, float32); the first
-step (graph tracing) is reported apart from the steady seconds per step. Peak memory is the
-child's max RSS.
+Each configuration (backbone:size[:batch], batch 2 by default) trains in a fresh process on a
+generated sample (float32, from scratch, no validation); the first step (graph tracing) is
+reported apart from the steady seconds per step. Peak memory is the child's max RSS; with several
+batch sizes of one backbone and size, the memory per image is the slope between them (the figure
+behind the GPU batch default, docs/training.md).
 
     .venv/bin/python benchmarks/bench_train.py [--steps 5] [--configs resnet50:256,resnet152:640]
+    .venv/bin/python benchmarks/bench_train.py --steps 3 --configs resnet152:640:1,resnet152:640:2,resnet152:640:4
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import json, sys, time, logging
 from pathlib import Path
 from tasks.config import RunConfig
 from tasks import train as t
-backbone, size, steps, data, model_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+backbone, size, steps, data, model_dir, batch = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                                sys.argv[5], int(sys.argv[6]))
 stamps = []
 class Clock(logging.Handler):
     def emit(self, record):
@@ -30,8 +34,9 @@ class Clock(logging.Handler):
             stamps.append(time.monotonic())
 logging.getLogger("personcar").addHandler(Clock()); logging.getLogger("personcar").setLevel(logging.INFO)
 start = time.monotonic()
-s = t.train(Path(data), Path(model_dir), RunConfig(backbone=backbone, image_size=size, batch_size=2, steps=steps),
-            log_every=1, export=False, checkpoint_every=10**6)
+s = t.train(Path(data), Path(model_dir), RunConfig(backbone=backbone, image_size=size, batch_size=batch, steps=steps,
+                                                   init_checkpoint="scratch", warm_start="none", validate_every=0),
+            log_every=1, export=False, checkpoint_every=10**6, gpus=0)
 first = stamps[0] - start
 steady = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 import resource
@@ -56,18 +61,26 @@ def main() -> None:
         make_sample(root / "s", images=8, seed=0)
         clean = pixel_area_copy(root / "s/trainval/annotations/bbox-annotations.json", root / "clean.json")
         build_tfrecords(clean, root / "s/trainval/images", root / "tfr", val_fraction=0.0)
-        print(f"{'backbone':10s} {'size':>5s} {'first step s':>13s} {'s/step':>8s} {'peak RSS GB':>12s}")
+        print(f"{'backbone':10s} {'size':>5s} {'batch':>5s} {'first step s':>13s} {'s/step':>8s} {'peak RSS GB':>12s}")
+        peaks: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for item in args.configs.split(","):
-            backbone, size = item.split(":")
+            backbone, size, *rest = item.split(":")
+            batch = rest[0] if rest else "2"
             out = subprocess.run([sys.executable, "-c", CHILD, backbone, size, str(args.steps), str(root / "tfr"),
-                                  str(root / f"m-{backbone}-{size}")], capture_output=True, text=True,
+                                  str(root / f"m-{backbone}-{size}-{batch}"), batch], capture_output=True, text=True,
                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
             if out.returncode:
-                print(f"{backbone:10s} {size:>5s} failed: {out.stderr.strip().splitlines()[-1]}")
+                print(f"{backbone:10s} {size:>5s} {batch:>5s} failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{backbone:10s} {size:>5s} {r['first_step_s']:13.1f} {r['steady_s_per_step']:8.2f} "
+            peaks.setdefault((backbone, size), []).append((int(batch), r["peak_rss_gb"]))
+            print(f"{backbone:10s} {size:>5s} {batch:>5s} {r['first_step_s']:13.1f} {r['steady_s_per_step']:8.2f} "
                   f"{r['peak_rss_gb']:12.2f}", flush=True)
+        for (backbone, size), pts in peaks.items():
+            if len(pts) > 1:
+                (b0, m0), (b1, m1) = min(pts), max(pts)
+                slope = (m1 - m0) / (b1 - b0)
+                print(f"{backbone} at {size}: {slope:.2f} GB per image (float32, CPU), {m0 - b0 * slope:.2f} GB fixed")
 
 
 if __name__ == "__main__":

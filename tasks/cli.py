@@ -101,7 +101,12 @@ def cmd_validate(a: argparse.Namespace) -> Any:
         ann = st.input(a.annotations, "annotations", file=True)
         images = st.input(a.images, "images")
         out = st.output(a.out, "out")
-        return validate_annotations(ann, out, images=images, max_quarantine_fraction=a.max_quarantine_fraction)
+        result = validate_annotations(ann, out, images=images, max_quarantine_fraction=a.max_quarantine_fraction)
+        from tasks.anchors import write_coverage
+        from tasks.config import DEFAULT_MODEL
+
+        cov = write_coverage(out / "annotations.clean.json", out, a.model or DEFAULT_MODEL, a.image_size)
+        return {**result, "anchor_coverage": cov["coverage"]}
 
 
 def cmd_tfrecords(a: argparse.Namespace) -> Any:
@@ -127,8 +132,9 @@ def run_config_from_args(a: argparse.Namespace) -> Any:
             raise PersoncarError(f"--run-config is not valid JSON: {exc}") from None
         if not isinstance(params, dict):
             raise PersoncarError("--run-config must be a JSON object of run parameters")
-    for key in ("model", "backbone", "steps", "batch_size", "image_size", "learning_rate", "init_checkpoint",
-                "augment", "seed", "num_shards", "val_fraction"):
+    for key in ("model", "backbone", "epochs", "steps", "batch_size", "image_size", "learning_rate",
+                "init_checkpoint", "init_checkpoint_modules", "warm_start", "validate_every", "augment", "seed",
+                "num_shards", "val_fraction", "publish_dest"):
         value = getattr(a, key, None)
         if value is not None:
             params[key] = value
@@ -138,16 +144,35 @@ def run_config_from_args(a: argparse.Namespace) -> Any:
 def cmd_train(a: argparse.Namespace) -> Any:
     run = run_config_from_args(a)
     from tasks import storage
-    from tasks.train import train
+    from tasks.train import resolve_start, train
 
+    client = storage.s3_client(a.endpoint_url) if _uses_s3(a.data, a.model_dir, run.init_checkpoint,
+                                                          run.publish_dest) else None
+    promoted = None
+    if run.warm_start == "promoted" and run.publish_dest:
+        from tasks.publish import previous_run
+
+        promoted = previous_run(run.publish_dest, client=client)
     with staging(a.endpoint_url) as st:
         data = st.input(a.data, "data")
         model_dir = st.input(a.model_dir, "model") if storage.is_remote(a.model_dir) else Path(a.model_dir)
         remote_model = storage.is_remote(a.model_dir)
         on_ckpt = (lambda d: storage.upload_dir(d, a.model_dir, endpoint_url=a.endpoint_url)) if remote_model else None
         summary = train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-                        export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt)
+                        export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt,
+                        start=resolve_start(run, promoted=promoted), s3_client=client)
         return summary
+
+
+def _uses_s3(*uris: str | None) -> bool:
+    return any(isinstance(u, str) and u.startswith("s3://") for u in uris)
+
+
+def cmd_convert_checkpoint(a: argparse.Namespace) -> Any:
+    run = run_config_from_args(a)
+    from tasks.convert_checkpoint import convert_to_dir
+
+    return convert_to_dir(a.src, a.out, run)
 
 
 def cmd_predict(a: argparse.Namespace) -> Any:
@@ -189,6 +214,20 @@ def cmd_publish(a: argparse.Namespace) -> Any:
     return publish(a.src, a.dest, run_id=run_id, endpoint_url=a.endpoint_url)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks import __version__
 
@@ -218,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--annotations", required=True)
     s.add_argument("--images", help="image folder: also run the image checks")
     s.add_argument("--out", required=True)
+    s.add_argument("--model", help="model config whose anchors the boxes are checked against "
+                                   "(default: ssd_resnet152_v1_fpn_640x640)")
+    s.add_argument("--image-size", type=int, help="input side for the anchor check (default: the model's)")
     s.add_argument("--max-quarantine-fraction", type=float, default=0.01,
                    help="fail when more than this fraction of boxes is quarantined (default 0.01)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
@@ -237,20 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", required=True)
     s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
     s.add_argument("--backbone", help="resnet18/34/50/101/152 (default: the model's)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--steps", type=int, help="training steps (default: from --epochs)")
+    s.add_argument("--batch-size", type=int, help="images per GPU (per replica); the global batch is this x GPUs")
     s.add_argument("--image-size", type=int)
     s.add_argument("--learning-rate", type=float)
-    s.add_argument("--init-checkpoint", help="checkpoint to fine-tune the backbone from")
+    s.add_argument("--epochs", type=float, help="training length in epochs (default: the model's; --steps wins)")
+    s.add_argument("--init-checkpoint",
+                   help="pretrained (default: the model's published checkpoint), scratch, or a checkpoint: "
+                        "path, s3://, gs://, https:// (.tar.gz unpacked), of this project, Model Garden or the TF2 zoo")
+    s.add_argument("--init-checkpoint-modules", choices=("backbone", "backbone,decoder", "all"),
+                   help="what to load from --init-checkpoint (default: everything it has)")
+    s.add_argument("--warm-start", choices=("promoted", "none"),
+                   help="promoted (default): continue from the last promoted model in --publish-dest")
+    s.add_argument("--publish-dest", help="where reports are published (finds the promoted model for --warm-start)")
+    s.add_argument("--validate-every", type=_non_negative_int,
+                   help="steps between validations on the val split (0: never; default: the model's)")
     s.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="no random flip / scale jitter (overfit checks: memorise the training images)")
     s.add_argument("--seed", type=int)
     s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
-    s.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
-    s.add_argument("--log-every", type=int, default=10, help="steps between log lines and summaries")
-    s.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    s.add_argument("--gpus", type=_non_negative_int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
+    s.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines and summaries")
+    s.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
     s.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+
+    s = add("convert-checkpoint", cmd_convert_checkpoint,
+            "convert a TF2 detection zoo SSD ResNet V1 FPN checkpoint onto this project's model")
+    s.add_argument("--src", required=True, help="the zoo's .tar.gz (path or https://) or its checkpoint prefix/folder")
+    s.add_argument("--out", required=True, help="folder for the converted checkpoint (ckpt-1) and conversion.json")
+    s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
+    s.add_argument("--backbone", help="resnet50/101/152 (default: the model's)")
 
     s = add("predict", cmd_predict, "run the exported model into a COCO results JSON")
     s.add_argument("--model-dir", required=True)

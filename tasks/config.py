@@ -7,6 +7,7 @@ Airflow Variables. Both validate on construction and fail with one line naming t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from functools import cache
@@ -21,12 +22,15 @@ from tasks.errors import PersoncarError
 CONFIG_DIR = Path(__file__).with_name("configs")
 PRODUCTION_SOURCE = "s3://evp-ml-data/ml-interview/openimages-personcar/trainval.tar.gz"
 DEFAULT_MODEL = "ssd_resnet152_v1_fpn_640x640"
-# 50/101/152 are the zoo's SSD backbones; 18/34 exist for fast CPU smoke and overfit checks.
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# 50/101/152 are the zoo's SSD backbones; 26 (ResNet V1) and 18/34 (Model Garden's ResNet) exist for fast
+# CPU smoke runs and learning checks. Which depths a model takes depends on its backbone type.
+BACKBONES = ("resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152")
 MAX_LEVEL_STRIDE = 128  # FPN level 7: the input side must be a multiple of 2**7
 CLASSES = {1: "person", 2: "car"}
+START_PRETRAINED, START_SCRATCH = "pretrained", "scratch"
+MODULE_SETS = ("backbone", "backbone,decoder", "all")
 
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+Backbone = Literal["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 def available_models() -> list[str]:
@@ -63,11 +67,27 @@ class RunConfig(BaseModel):
     dataset_sha256: str | None = Field(default=None, description="Expected sha256 of the archive.")
     model: str = Field(default=DEFAULT_MODEL, description="Model config name (tasks/configs).")
     backbone: Backbone | None = Field(default=None, description="Override the model's ResNet depth.")
-    steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Training steps.")
-    batch_size: int | None = Field(default=None, ge=1, le=1024, description="Global batch size.")
+    epochs: float | None = Field(default=None, gt=0, le=10_000,
+                                 description="Training length in passes over the training images.")
+    steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Training steps (overrides epochs).")
+    batch_size: int | None = Field(default=None, ge=1, le=1024,
+                                   description="Images per GPU (per replica); the global batch is this x GPUs.")
     image_size: int | None = Field(default=None, ge=128, le=1536, description="Square input side.")
     learning_rate: float | None = Field(default=None, gt=0, le=10, description="Base (peak) LR.")
-    init_checkpoint: str | None = Field(default=None, description="Checkpoint to fine-tune from.")
+    init_checkpoint: str = Field(
+        default=START_PRETRAINED,
+        description="Where training starts: 'pretrained' (the model's published checkpoint, or scratch when it "
+                    "has none), 'scratch', or a checkpoint: a path, s3://, gs:// or https:// (a .tar.gz is unpacked).")
+    init_checkpoint_modules: Literal["backbone", "backbone,decoder", "all"] | None = Field(
+        default=None, description="Which parts to load from init_checkpoint; empty: all that the checkpoint has.")
+    warm_start: Literal["promoted", "none"] = Field(
+        default="promoted",
+        description="'promoted': continue from the model the quality gate last promoted (same model config), "
+                    "else start from init_checkpoint; 'none': always init_checkpoint.")
+    validate_every: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="Steps between validations on the val split (COCO mAP, best checkpoint); 0: never; "
+                    "empty: the model's interval in epochs.")
     augment: bool = Field(default=True, description="Random flip and scale jitter of training images.")
     val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     num_shards: int | None = Field(default=None, ge=1, le=1024)
@@ -100,10 +120,19 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be a multiple of {MAX_LEVEL_STRIDE} (FPN level 7)")
         return v
 
-    @field_validator("init_checkpoint", "publish_dest")
+    @field_validator("publish_dest")
     @classmethod
     def _blank_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("init_checkpoint", mode="before")
+    @classmethod
+    def _start(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", START_PRETRAINED)):
+            return START_PRETRAINED
+        if isinstance(v, str) and v.strip().lower() in (START_SCRATCH, "none"):
+            return START_SCRATCH
+        return v.strip() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _source(self) -> RunConfig:
@@ -124,25 +153,58 @@ class RunConfig(BaseModel):
     def model_defaults(self) -> dict[str, Any]:
         return dict(load_model_config(self.model).get("defaults", {}))
 
-    def resolved(self) -> dict[str, Any]:
-        """Training hyper-parameters after applying the model's defaults."""
+    def resolved(self, *, train_images: int | None = None, gpus: int = 0) -> dict[str, Any]:
+        """Training hyper-parameters after applying the model's defaults.
+
+        The global batch is ``batch_size`` (per replica) x replicas (the GPUs, or 1 on CPU). With
+        ``train_images`` known, an epoch-based schedule (``epochs``, the model's ``epochs``) becomes
+        steps: ceil(epochs x train images / global batch); an explicit ``steps`` always wins.
+        """
         d = self.model_defaults()
-        steps = self.steps or d["steps"]
-        batch = self.batch_size or d["batch_size"]
+        replicas = max(1, gpus)
+        per_replica = self.batch_size or d["batch_size"]
+        global_batch = per_replica * replicas
+        steps_per_epoch = math.ceil(train_images / global_batch) if train_images else None
+        epochs = self.epochs if self.epochs is not None else d.get("epochs")
+        if self.steps:
+            steps = self.steps
+        elif epochs and steps_per_epoch:
+            steps = max(1, math.ceil(epochs * steps_per_epoch))
+        else:
+            steps = d["steps"]
+        if steps_per_epoch and not self.steps and epochs and d.get("warmup_epochs"):
+            warmup = min(math.ceil(d["warmup_epochs"] * steps_per_epoch), steps // 10)
+        else:
+            warmup = min(d["warmup_steps"], steps // 10)
+        epochs = steps / steps_per_epoch if steps_per_epoch else (epochs if not self.steps else None)
+        if self.validate_every is not None:
+            validate_every = self.validate_every
+        elif d.get("validate_every_epochs") and steps_per_epoch:
+            validate_every = max(1, math.ceil(d["validate_every_epochs"] * steps_per_epoch))
+        else:
+            validate_every = 0
         # linear scaling rule: the zoo's LR is for its batch size
-        lr = self.learning_rate or d["learning_rate"] * batch / d["batch_size"]
-        warmup = min(d["warmup_steps"], max(steps // 10, 0))
+        reference = d.get("reference_batch_size", d["batch_size"])
+        lr = self.learning_rate or d["learning_rate"] * global_batch / reference
         return {
             "model": self.model,
             "backbone": self.backbone,
             "steps": steps,
-            "batch_size": batch,
+            "epochs": round(epochs, 3) if epochs else None,
+            "steps_per_epoch": steps_per_epoch,
+            "train_images": train_images,
+            "batch_size": per_replica,
+            "replicas": replicas,
+            "global_batch_size": global_batch,
             "image_size": self.image_size or d["image_size"],
             "learning_rate": lr,
             # keep the zoo's warmup start as the same fraction of the peak LR
             "warmup_learning_rate": lr * d["warmup_learning_rate"] / d["learning_rate"],
             "warmup_steps": warmup,
+            "validate_every": min(validate_every, steps) if validate_every else 0,
             "init_checkpoint": self.init_checkpoint,
+            "init_checkpoint_modules": self.init_checkpoint_modules,
+            "warm_start": self.warm_start,
             "augment": self.augment,
             "seed": self.seed,
         }

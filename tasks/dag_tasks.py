@@ -153,8 +153,11 @@ def validate_annotations(context: dict[str, Any]) -> dict[str, Any]:
         result = validate(data / "annotations" / "bbox-annotations.json", out, images=data / "images",
                           max_quarantine_fraction=cfg.max_quarantine_fraction)
         log.info("Great Expectations Data Docs: %s", out / "data_docs" / "index.html")
+        from tasks.anchors import write_coverage
+
+        coverage = write_coverage(out / "annotations.clean.json", out, cfg.model, cfg.image_size)
     return {k: result[k] for k in ("success", "counts") if k in result} | {
-        "quarantined": len(result.get("quarantined_annotation_ids", []))}
+        "quarantined": len(result.get("quarantined_annotation_ids", [])), "anchor_coverage": coverage["coverage"]}
 
 
 def build_tfrecords(context: dict[str, Any]) -> dict[str, Any]:
@@ -170,13 +173,27 @@ def build_tfrecords(context: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(context: dict[str, Any]) -> dict[str, Any]:
+    from tasks.publish import previous_run
+    from tasks.train import OutOfMemoryError, resolve_start
     from tasks.train import train as run_training
 
-    cfg = run_config(context)
+    cfg, st = run_config(context), settings()
+    dest = cfg.publish_dest or st.default_publish_dest()
+    uses_s3 = any(u.startswith("s3://") for u in (dest, st.artifact_root, cfg.init_checkpoint))
+    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url) if uses_s3 else None
+    promoted = previous_run(dest, client=client) if cfg.warm_start == "promoted" else None
+    start = resolve_start(cfg, promoted=promoted)
     with local_run(context, inputs=("tfrecords", "train"), outputs=("train",)) as run:
         data = _require(run / "tfrecords" / "manifest.json", "the TFRecords", "build_tfrecords").parent
-        summary = run_training(data, run / "train", cfg)
-    return {k: summary[k] for k in ("steps", "seconds", "seconds_per_step", "final_losses")}
+        try:
+            summary = run_training(data, run / "train", cfg, start=start, s3_client=client)
+        except OutOfMemoryError as exc:  # the same batch runs out of memory again: do not retry
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(exc)) from exc
+    return {k: summary.get(k) for k in ("steps", "epochs", "seconds", "seconds_per_step", "final_losses",
+                                        "exported_step", "best_validation")} | {
+        "started_from": summary["started_from"].get("description")}
 
 
 def evaluate(context: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +210,7 @@ def evaluate(context: dict[str, Any]) -> dict[str, Any]:
 
 # what the report reads; images of the val split are fetched one by one in remote runs
 REPORT_INPUTS = ("download/download_manifest.json", "validate", "tfrecords/manifest.json", "tfrecords/val.coco.json",
-                 "train/train", "train/train_summary.json", "evaluate")
+                 "train/train", "train/train_summary.json", "train/validation.json", "evaluate")
 
 
 def publish_report(context: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +233,8 @@ def publish_report(context: dict[str, Any]) -> dict[str, Any]:
             "run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
             "backend": st.backend, "publish_dest": dest})
         report = build_report(run, run / "report", previous=prev, gate=verdict)
-        published = publish(run / "report", dest, run_id=run.name, client=client, gate=gate)
+        published = publish(run / "report", dest, run_id=run.name, client=client, gate=gate,
+                            model=_model_entry(cfg, run, st))
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
     log.info("report: %s (%s)", report_url, verdict["reason"])
@@ -225,6 +243,22 @@ def publish_report(context: dict[str, Any]) -> dict[str, Any]:
                     published.get("promoted"))
     return {"report_url": report_url, "promoted": published.get("promoted"), "report": report.get("html"),
             "gate": verdict["reason"]}
+
+
+def _model_entry(cfg: RunConfig, run: Path, st: Settings) -> dict[str, Any] | None:
+    """What a later run warm-starts from: the model config and the exported checkpoint's URI."""
+    import json
+
+    from tasks import storage
+
+    summary_path = run / "train" / "train_summary.json"
+    if not summary_path.is_file():
+        return None
+    rel = json.loads(summary_path.read_text()).get("exported_checkpoint")
+    if not rel:
+        return None
+    root = st.artifact_root if storage.is_remote(st.artifact_root) else str(Path(st.artifact_root).absolute())
+    return {"name": cfg.model, "backbone": cfg.backbone, "checkpoint": storage.join_uri(root, run.name, "train", rel)}
 
 
 def _fetch_val_images(context: dict[str, Any], run: Path) -> None:
@@ -261,13 +295,20 @@ def run_config_macro(params: Any) -> str:
     return cfg.model_dump_json(exclude_none=True)
 
 
-MACROS = {"personcar_run_dir": run_dir_macro, "personcar_run_config": run_config_macro}
+def publish_dest_macro(params: Any) -> str:
+    """``{{ personcar_publish_dest(params) }}``: where reports are published (the promoted model for warm starts)."""
+    return dict(params).get("publish_dest") or settings().default_publish_dest()
+
+
+MACROS = {"personcar_run_dir": run_dir_macro, "personcar_run_config": run_config_macro,
+          "personcar_publish_dest": publish_dest_macro}
 _RUN = "{{ personcar_run_dir(dag_run) }}"
 _CFG = "{{ personcar_run_config(params) }}"
 POD_ARGUMENTS = {
     "build_tfrecords": ["tfrecords", "--annotations", f"{_RUN}/validate/annotations.clean.json",
                         "--images", f"{_RUN}/download/trainval/images", "--out", f"{_RUN}/tfrecords", "--run-config", _CFG],
-    "train": ["train", "--data", f"{_RUN}/tfrecords", "--model-dir", f"{_RUN}/train", "--run-config", _CFG],
+    "train": ["train", "--data", f"{_RUN}/tfrecords", "--model-dir", f"{_RUN}/train", "--run-config", _CFG,
+              "--publish-dest", "{{ personcar_publish_dest(params) }}"],
     "evaluate": ["evaluate", "--model-dir", f"{_RUN}/train", "--data", f"{_RUN}/tfrecords", "--out", f"{_RUN}/evaluate"],
 }
 

@@ -585,9 +585,43 @@ def make_trainer_task(
     ``settings`` defaults to :meth:`TrainerPodSettings.from_env`; ``operator_kwargs`` (``retries``,
     ``pool``, ``doc_md``, ...) are passed to the operator and override the built ones.
     """
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
     settings = TrainerPodSettings.from_env() if settings is None else settings
     kwargs = trainer_pod_kwargs(settings, task_id=task_id, arguments=arguments, gpus=gpus)
     kwargs.update(operator_kwargs)
-    return KubernetesPodOperator(task_id=task_id, **kwargs)
+    return trainer_operator_class()(task_id=task_id, **kwargs)
+
+
+#: What ``personcar train`` prints when the accelerator runs out of memory (tasks.train.OutOfMemoryError).
+OOM_MARKER = "out of accelerator memory"
+
+
+def trainer_operator_class() -> type:
+    """``KubernetesPodOperator`` that fails without retrying when the pod ran out of accelerator memory.
+
+    The pod's one-line error is its termination message (``FallbackToLogsOnError``), which the
+    operator puts in its exception: the same batch would run out of memory again on every retry.
+    """
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    def no_retry_on_oom(exc: AirflowException) -> None:
+        if OOM_MARKER in str(exc):
+            line = next((ln for ln in str(exc).splitlines() if OOM_MARKER in ln), OOM_MARKER)
+            raise AirflowFailException(line.strip().strip("'\"")) from exc
+
+    class TrainerPodOperator(KubernetesPodOperator):
+        def execute(self, context: Any) -> Any:
+            try:
+                return super().execute(context)
+            except AirflowException as exc:
+                no_retry_on_oom(exc)
+                raise
+
+        def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+            try:
+                return super().trigger_reentry(context, event)
+            except AirflowException as exc:
+                no_retry_on_oom(exc)
+                raise
+
+    return TrainerPodOperator

@@ -85,6 +85,7 @@ def publish(
     client: Any = None,
     gate: dict | None = None,
     extra_files: dict[str, Path] | None = None,
+    model: dict | None = None,
 ) -> dict:
     """Publish the report folder ``src`` as run ``run_id`` under ``dest``.
 
@@ -93,7 +94,9 @@ def publish(
     summary or the exported model) to ``<dest>/<run id>/`` with content types, updates
     ``<dest>/runs.json``, applies the quality ``gate`` (``{"metric": OD API name, "margin": float}``,
     default :data:`DEFAULT_GATE`) and, when promoted, refreshes ``<dest>/latest/``. See the module
-    docstring for the concurrency and ``latest/`` guarantees.
+    docstring for the concurrency and ``latest/`` guarantees. ``model`` (``{"name", "backbone",
+    "checkpoint"}``) is recorded in the index entry: a later run with ``warm_start: promoted``
+    continues from the last promoted entry's checkpoint.
 
     ``client`` is an S3 client to use (the Airflow task passes its S3 hook's); otherwise one is made
     with plain boto3 for ``endpoint_url``.
@@ -151,6 +154,7 @@ def publish(
             "promoted": verdict["promoted"],
             "report": f"{run}/{report_rel}" if report_rel else None,
             "gate": {k: verdict[k] for k in ("metric", "margin", "value", "baseline_run_id", "baseline_value")},
+            **({"model": model} if model else {}),
         }
         decided.update(entry=entry, previous=previous)
         positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]

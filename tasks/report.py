@@ -9,7 +9,9 @@ Reads a run folder (every part optional except ``evaluate/metrics.json``)::
     RUN/tfrecords/val.coco.json           val ground truth (for the sample detections)
     RUN/download/trainval/images/         the images (for the sample detections)
     RUN/train/**/events.out.tfevents.*    TensorBoard scalars (loss curves)
-    RUN/train/train_summary.json          steps, seconds, images/s, final losses
+    RUN/train/train_summary.json          steps, seconds, images/s, final losses, start, exported step
+    RUN/train/validation.json             validation during training (the curve, the best step)
+    RUN/validate/anchor_coverage.json     share of boxes the anchors can match
     RUN/evaluate/metrics.json, pr_curves.json, error_analysis.json, detections.json
 
 and writes ``OUT/report.html`` (self-contained: inline CSS, plots as PNG data URIs, no script, no
@@ -642,8 +644,13 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
         else:
             doc.na("Great Expectations Data Docs")
 
+        coverage = _read_json(run_dir / "validate" / "anchor_coverage.json", notes)
+        _anchor_coverage(doc, coverage)
+
         # Training.
         doc.h(2, "Training", "training")
+        validation_history = _read_json(run_dir / "train" / "validation.json", notes)
+        _start_and_validation(doc, train_summary, validation_history, tmp / "validation_curve.png")
         if isinstance(train_summary, dict):
             rows = [[k, _value_text(v) if not isinstance(v, float) else fmt(v)]
                     for k, v in _flatten(train_summary)]
@@ -746,6 +753,69 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
     log.info("report written: %s (mAP@.50IOU %s; %s)", out / "report.html", fmt(metrics.get(MAP50)),
              f"sections not available: {', '.join(missing)}" if missing else "all sections present")
     return summary
+
+
+def _anchor_coverage(doc: Doc, cov: Any) -> None:
+    doc.h(3, "Anchor coverage")
+    if not isinstance(cov, dict) or cov.get("coverage") is None:
+        doc.na("Anchor coverage (validate/anchor_coverage.json)")
+        return
+    doc.p(f"{cov['coverage']:.1%} of {cov['boxes']:,} validated boxes have an anchor with IoU >= {cov['match_iou']} "
+          f"({cov['anchors']}; mean best IoU {cov['mean_best_iou']:.3f}).")
+    if cov.get("warning"):
+        doc.raw(f'<p class="fail">{esc(cov["warning"])}</p>', f"**Warning:** {md(cov['warning'])}\n")
+    rows = [[name.replace("_", " "), b["boxes"], "" if b["coverage"] is None else f"{b['coverage']:.1%}"]
+            for name, b in (cov.get("by_shorter_side") or {}).items()]
+    doc.table(["shorter side after resizing", "boxes", "covered"], rows, numeric={1, 2})
+
+
+def plot_validation(history: list[dict[str, Any]], best_step: int | None, path: Path) -> bool:
+    """mAP and mAP@.50IOU on the val split against the training step; the exported step marked."""
+    points = sorted((h for h in history if isinstance(h, dict) and _is_num(h.get("step"))), key=lambda h: h["step"])
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=100)
+    steps = [h["step"] for h in points]
+    for key, label in ((MAP50, "mAP@.50IOU"), (MAP, "mAP@[.50:.95]"), (MAP75, "mAP@.75IOU")):
+        ax.plot(steps, [h.get(key, float("nan")) for h in points], marker="o", ms=3, label=label)
+    if best_step is not None:
+        ax.axvline(best_step, color="#444", ls="--", lw=1, label=f"exported (step {best_step:,})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val split")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _start_and_validation(doc: Doc, summary: Any, validation: Any, png: Path) -> None:
+    summary = summary if isinstance(summary, dict) else {}
+    started = summary.get("started_from") if isinstance(summary.get("started_from"), dict) else None
+    if started:
+        loaded = (f"; {started['variables']:,} variables of the {'+'.join(started.get('modules') or [])} loaded"
+                  if started.get("variables") else "")
+        doc.p(f"Started from: {started.get('description', started.get('kind'))}{loaded}.")
+    best = validation.get("best") if isinstance(validation, dict) else None
+    exported = summary.get("exported_step")
+    if isinstance(best, dict) and _is_num(best.get("value")):
+        doc.p(f"Exported: step {best['step']:,}, the best {best.get('metric', MAP50).split('/')[-1]} on the val "
+              f"split during training ({fmt(best['value'])}) of {len(validation.get('history') or [])} validations.")
+    elif exported is not None:
+        doc.p(f"Exported: step {exported:,} (the last; no validation during training).")
+    history = validation.get("history") if isinstance(validation, dict) else None
+    if isinstance(history, list) and plot_validation(history, best.get("step") if isinstance(best, dict) else None,
+                                                     png):
+        doc.image(png, "Validation mAP during training")
+    else:
+        doc.na("Validation during training (train/validation.json)")
 
 
 def _error_tables(doc: Doc, e: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ AIRFLOW = Path(sys.executable).with_name("airflow")
 DAG_ID = "personcar_detection"
 TASKS = ["download_dataset", "validate_annotations", "build_tfrecords", "train", "evaluate", "publish_report"]
 STAGE_DIRS = ["download", "validate", "tfrecords", "train", "evaluate", "report"]
-TINY = {"model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 6, "batch_size": 2, "val_fraction": 0.25}
+TINY = {"model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 6, "batch_size": 2, "val_fraction": 0.25}
 RUN_TIMEOUT = 600  # seconds a DAG run may take here (about 100 s on 2 cores)
 TERMINAL = {"success", "failed"}
 

@@ -51,7 +51,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
     conf = {
         "dataset_source": (root / "trainval.tar.gz").as_uri(),
-        "model": "ssd_resnet18_v1_fpn_256x256_tiny",
+        "model": "ssd_resnet26_v1_fpn_256x256_tiny",
         "steps": 6,
         "batch_size": 2,
         "val_fraction": 0.25,

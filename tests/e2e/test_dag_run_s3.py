@@ -40,7 +40,7 @@ def s3_run(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict:
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     conf = {"dataset_source": "s3://personcar-artifacts/datasets/trainval.tar.gz",
-            "model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 2, "batch_size": 2, "val_fraction": 0.3,
+            "model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 2, "batch_size": 2, "val_fraction": 0.3,
             "publish_dest": "s3://personcar-artifacts/published"}
     assert airflow(env, "db", "migrate").returncode == 0
     run = airflow(env, "dags", "test", "personcar_detection", DATE, "--conf", json.dumps(conf))

@@ -21,7 +21,7 @@ from tasks.errors import PersoncarError
 from tasks.tfrecords import build_tfrecords
 
 pytestmark = pytest.mark.slow
-TINY = "ssd_resnet18_v1_fpn_256x256_tiny"
+TINY = "ssd_resnet26_v1_fpn_256x256_tiny"
 OVERFIT_STEPS = 600
 
 

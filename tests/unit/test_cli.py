@@ -11,7 +11,7 @@ import pytest
 
 from tasks.cli import build_parser, main
 
-COMMANDS = {"sample", "download", "validate", "tfrecords", "train", "predict", "evaluate", "report", "publish"}
+COMMANDS = {"convert-checkpoint", "sample", "download", "validate", "tfrecords", "train", "predict", "evaluate", "report", "publish"}
 
 
 def test_every_stage_has_a_command() -> None:
@@ -40,9 +40,9 @@ def test_train_flags_override_the_run_config_json() -> None:
     from tasks.cli import run_config_from_args
 
     base = ["train", "--data", "d", "--model-dir", "m"]
-    conf = json.dumps({"model": "ssd_resnet18_v1_fpn_256x256_tiny", "steps": 50, "augment": True})
+    conf = json.dumps({"model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 50, "augment": True})
     cfg = run_config_from_args(build_parser().parse_args([*base, "--run-config", conf, "--steps", "7", "--no-augment"]))
-    assert (cfg.model, cfg.steps, cfg.augment) == ("ssd_resnet18_v1_fpn_256x256_tiny", 7, False)
+    assert (cfg.model, cfg.steps, cfg.augment) == ("ssd_resnet26_v1_fpn_256x256_tiny", 7, False)
     assert run_config_from_args(build_parser().parse_args([*base, "--run-config", conf])).augment is True
     assert run_config_from_args(build_parser().parse_args(base)).augment is True
 

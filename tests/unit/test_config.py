@@ -14,27 +14,63 @@ from tasks.config import (
 from tasks.errors import PersoncarError
 
 
-def test_defaults_are_the_zoo_ssd_resnet152_at_640() -> None:
-    r = RunConfig().resolved()
-    assert RunConfig().model == DEFAULT_MODEL == "ssd_resnet152_v1_fpn_640x640"
-    assert (r["steps"], r["batch_size"], r["image_size"], r["learning_rate"]) == (25000, 64, 640, 0.04)
-    assert r["warmup_steps"] == 2000 and r["warmup_learning_rate"] == pytest.approx(0.013333)
-    override = load_model_config(DEFAULT_MODEL)["override"]["task"]
-    assert override["model"]["backbone"]["resnet"]["model_id"] == 152
-    assert override["model"]["anchor"] == {"anchor_size": 4.0, "aspect_ratios": [1.0, 2.0, 0.5], "num_scales": 2}
+def test_defaults_fine_tune_the_zoo_ssd_resnet152_at_640() -> None:
+    cfg = RunConfig()
+    assert cfg.model == DEFAULT_MODEL == "ssd_resnet152_v1_fpn_640x640"
+    assert (cfg.init_checkpoint, cfg.warm_start) == ("pretrained", "promoted")
+    r = cfg.resolved(train_images=2015, gpus=1)  # the real data set's train split, one GPU
+    assert (r["batch_size"], r["global_batch_size"], r["image_size"]) == (8, 8, 640)
+    assert r["steps"] == 24 * 252 and r["epochs"] == 24 and r["steps_per_epoch"] == 252  # ceil(2015 / 8)
+    assert r["learning_rate"] == pytest.approx(0.04 * 8 / 64)  # the zoo's LR for batch 64, scaled
+    assert r["warmup_steps"] == 252 and r["warmup_learning_rate"] == pytest.approx(0.013333 * 8 / 64)
+    assert r["validate_every"] == 504  # every 2 epochs
+    spec = load_model_config(DEFAULT_MODEL)
+    assert spec["pretrained"]["url"].endswith("/ssd_resnet152_v1_fpn_640x640_coco17_tpu-8.tar.gz")
+    assert spec["pretrained"]["modules"] == "all" and "COCO" in spec["pretrained"]["trained_on"]
+    override = spec["override"]["task"]
+    assert override["model"]["backbone"] == {"type": "resnet_v1", "resnet_v1": {"model_id": 152}}
+    assert override["model"]["decoder"]["type"] == "ssd_fpn"
+    assert override["model"]["anchor"] == {"anchor_size": 3.0, "aspect_ratios": [1.0, 2.0, 0.5, 0.3333],
+                                           "num_scales": 2}
+    assert override["model"]["detection_generator"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert override["model"]["norm_activation"]["activation"] == "relu6"
+    assert (override["losses"]["huber_loss_delta"], override["losses"]["box_loss_weight"]) == (1.0, 1)
     assert override["losses"]["focal_loss_gamma"] == 2.0 and override["losses"]["focal_loss_alpha"] == 0.25
+
+
+def test_global_batch_is_per_gpu_batch_times_gpus_and_the_lr_follows() -> None:
+    one, four = (RunConfig(batch_size=8).resolved(train_images=2015, gpus=g) for g in (1, 4))
+    assert (one["global_batch_size"], four["global_batch_size"]) == (8, 32)
+    assert four["learning_rate"] == pytest.approx(4 * one["learning_rate"])
+    assert four["steps"] == 24 * 63  # the same 24 epochs in a quarter of the steps
+    cpu = RunConfig(batch_size=2).resolved(train_images=10, gpus=0)
+    assert (cpu["replicas"], cpu["global_batch_size"]) == (1, 2)
+
+
+def test_steps_win_over_epochs_and_the_zoo_length_applies_without_a_data_size() -> None:
+    assert RunConfig(steps=100, epochs=3).resolved(train_images=2015, gpus=1)["steps"] == 100
+    assert RunConfig(epochs=3).resolved(train_images=2015, gpus=1)["steps"] == 3 * 252
+    assert RunConfig().resolved()["steps"] == 25000 and RunConfig().resolved()["warmup_steps"] == 2000
+
+
+def test_start_values_are_normalised() -> None:
+    assert RunConfig(init_checkpoint="").init_checkpoint == "pretrained"
+    assert RunConfig(init_checkpoint="None").init_checkpoint == "scratch"
+    assert RunConfig(init_checkpoint=" s3://b/ckpt ").init_checkpoint == "s3://b/ckpt"
 
 
 def test_variants_inherit_from_the_152_config() -> None:
     assert {"ssd_resnet50_v1_fpn_640x640", "ssd_resnet101_v1_fpn_640x640", DEFAULT_MODEL} <= set(available_models())
     r50 = load_model_config("ssd_resnet50_v1_fpn_640x640")
-    assert r50["override"]["task"]["model"]["backbone"]["resnet"]["model_id"] == 50
+    assert r50["override"]["task"]["model"]["backbone"]["resnet_v1"]["model_id"] == 50
     assert r50["override"]["task"]["losses"]["l2_weight_decay"] == 0.0004  # inherited
-    assert r50["defaults"]["steps"] == 25000
+    assert r50["defaults"]["epochs"] == 24
+    assert r50["pretrained"]["url"].endswith("/ssd_resnet50_v1_fpn_640x640_coco17_tpu-8.tar.gz")
+    assert r50["pretrained"]["format"] == "od_api"  # inherited
 
 
 def test_learning_rate_scales_with_batch_size_unless_given() -> None:
-    assert RunConfig(batch_size=8).resolved()["learning_rate"] == pytest.approx(0.04 * 8 / 64)
+    assert RunConfig(batch_size=16).resolved(gpus=1)["learning_rate"] == pytest.approx(0.04 * 16 / 64)
     assert RunConfig(batch_size=8, learning_rate=0.1).resolved()["learning_rate"] == 0.1
     assert RunConfig(steps=100).resolved()["warmup_steps"] == 10
 

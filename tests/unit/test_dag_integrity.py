@@ -35,6 +35,7 @@ print(json.dumps({
     "max_active_runs": dag.max_active_runs,
     "retries": {t.task_id: t.retries for t in dag.tasks},
     "params": {k: dag.params.get_param(k).schema for k in dag.params},
+    "defaults": {k: dag.params.get_param(k).value for k in dag.params},
     "classes": {t.task_id: type(t).__name__ for t in dag.tasks},
     "heavy": sorted(m for m in ("tensorflow", "great_expectations", "official", "keras", "tf_keras") if m in sys.modules),
     "seconds": t1 - t0,
@@ -82,7 +83,12 @@ def test_params_form_covers_the_run_config(dag_info: dict) -> None:
     assert set(params) == set(RunConfig.model_fields)
     assert params["steps"]["minimum"] == 1 and params["image_size"]["multipleOf"] == 128
     assert set(params["model"]["enum"]) == set(available_models())
-    assert [b for b in params["backbone"]["enum"] if b] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert [b for b in params["backbone"]["enum"] if b] == ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152"]
+    defaults = dag_info["defaults"]
+    assert defaults["init_checkpoint"] == "pretrained" and defaults["warm_start"] == "promoted"
+    from tasks.config import RunConfig as Cfg
+
+    assert Cfg.from_params(defaults) == Cfg()  # the form's defaults are the run config's
     assert all(p.get("title") for p in params.values())
 
 
