@@ -7,8 +7,9 @@ half-written or duplicated result.
 Because an output folder is replaced as a whole, a stage replaces only a folder that is absent,
 empty, or its own: one holding the stage's marker file (its manifest or report, recognised by
 content, not only by name) or nothing but entries the stage itself writes. Anything else (a
-user's folder, the current folder, another stage's output, a file, a symbolic link) is refused
-with one line naming the folder, before any work is done and again before the rename.
+user's folder, another stage's output, a file, a symbolic link, the current folder or one that
+contains it) is refused with one line naming the folder, before any work is done and again
+before the rename.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def check_output_dir(folder: str | os.PathLike[str], outputs: StageOutputs | Non
         return path
     if not path.is_dir():
         raise PersoncarError(f"{flag} {folder} exists and is not a folder: give a new or empty folder")
+    try:
+        cwd = Path(os.getcwd())
+    except OSError:  # the current folder itself was removed
+        cwd = Path("/nonexistent")
+    if path == cwd or path in cwd.parents:  # replacing it would leave the shell in a deleted folder
+        raise PersoncarError(f"{flag} {folder} is (or contains) the current folder, which personcar {stage} "
+                             "would replace as a whole: give a folder of its own, e.g. a new subfolder")
     try:
         entries = sorted(p.name for p in path.iterdir())
     except OSError as exc:

@@ -839,7 +839,7 @@ def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_
     current = "(archive header)"
     where = "at the first member"
     size = archive.stat().st_size
-    caps = _SizeCaps.of(size, root, max_total_bytes=max_total_bytes, max_ratio=max_ratio,
+    caps = _SizeCaps.of(size, root.parent, max_total_bytes=max_total_bytes, max_ratio=max_ratio,
                         min_free_bytes=min_free_bytes)
     progress = Progress(f"extracting {archive_name}", size, unit="bytes", every=progress_every)
     with open(archive, "rb") as raw:
