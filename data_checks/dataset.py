@@ -17,7 +17,7 @@ from typing import Any
 from data_checks.rules import Thresholds
 from data_checks.suites import Outcome
 from data_checks.tables import StructureError, Tables, build_tables, check_structure, load_document
-from tasks.errors import DataValidationError
+from tasks.errors import DataValidationError, PersoncarError
 
 
 @dataclass
@@ -29,6 +29,16 @@ class DatasetCheck:
     outcomes: list[Outcome]
     statistics: dict[str, Any]      # GX statistics, with "seconds"
     image_stats: dict[str, Any] | None
+
+
+def require_label_map(label_map: Mapping[int, str]) -> None:
+    """The model's label map must itself be ids 1..N with names (a PersoncarError otherwise)."""
+    from data_checks.labels import check_label_map
+
+    try:
+        check_label_map(label_map)
+    except ValueError as exc:
+        raise PersoncarError(str(exc)) from None
 
 
 def read_dataset(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Tables]:
@@ -49,6 +59,7 @@ def check_dataset(doc: dict[str, Any], tables: Tables, thresholds: Thresholds, *
     from data_checks.policy import apply_policy
     from data_checks.suites import run_suites
 
+    require_label_map(label_map)
     image_stats: dict[str, Any] | None = None
     unreferenced: list[str] = []
     if images_dir is not None:
@@ -70,6 +81,7 @@ def require_valid(path: str | os.PathLike[str], images_dir: Path, *, label_map: 
     """
     from data_checks.policy import failure_summary
 
+    require_label_map(label_map)
     doc, tables = read_dataset(path)
     result = check_dataset(doc, tables, thresholds or Thresholds(), label_map=label_map, images_dir=images_dir)
     failures = result.report["failures"]

@@ -10,7 +10,9 @@
 
 A dataset that fails still gets ``validation.json`` and the Data Docs, then
 :class:`~tasks.errors.DataValidationError` is raised with a one-line reason. The rules, thresholds
-and suites live in :mod:`data_checks`.
+and suites live in :mod:`data_checks` (one pass: :mod:`data_checks.dataset`, which ``tfrecords``
+runs too); the categories are checked against the model's label map (``tasks.config.CLASSES``).
+OUT must be absent, empty or an earlier validation's folder (see :mod:`tasks.artifacts`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def validate_annotations(
     to header reads (existence, size, format, EXIF orientation, pixel count). ``label_map`` is the
     model's (ids 1..N with names): the categories must be exactly these.
     """
-    from data_checks.dataset import check_dataset, read_dataset
+    from data_checks.dataset import check_dataset, read_dataset, require_label_map
     from data_checks.rules import CHECKS, Thresholds
     from data_checks.tables import StructureError
 
@@ -67,6 +69,7 @@ def validate_annotations(
     thresholds = Thresholds(max_quarantine_fraction=max_quarantine_fraction,
                             min_clip_keep_fraction=min_clip_keep_fraction, min_box_side=min_box_side,
                             max_boxes_per_image=max_boxes_per_image, min_class_fraction=min_class_fraction)
+    require_label_map(label_map)
     if images_dir is not None and not images_dir.is_dir():
         raise PersoncarError(f"{images_dir}: images folder not found")
     _check_out(out_dir, [ann_path] + ([images_dir] if images_dir is not None else []))

@@ -122,6 +122,17 @@ def test_categories_that_are_not_the_label_map_fail_validation_and_tfrecords(
     assert snapshot(tmp_path, skip=("v",)) == before  # no TFRecords, nothing else touched
 
 
+def test_the_label_map_itself_must_be_ids_1_to_n(tmp_path: Path) -> None:
+    from tasks.errors import PersoncarError
+    from tasks.validate import validate_annotations
+
+    ann = tmp_path / "ann.json"
+    ann.write_text("{}")
+    for bad in ({0: "person", 1: "car"}, {1: "person", 3: "car"}, {1: ""}):
+        with pytest.raises(PersoncarError, match=r"^label map must name ids 1\.\.N, got "):
+            validate_annotations(ann, tmp_path / "v", label_map=bad)
+
+
 # -- 2. EXIF orientation: quarantined with its boxes --------------------------------------------------
 
 def rotate_tag(path: Path, orientation: int) -> None:
