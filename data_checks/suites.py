@@ -230,7 +230,7 @@ def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path | None, *,
         context.add_data_docs_site(site_name=SITE_NAME, site_config={
             "class_name": "SiteBuilder",
             "show_how_to_buttons": False,
-            # GX requires an absolute folder (a relative --out is the user's right)
+            # GX requires an absolute folder; --out may be relative
             "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                               "base_directory": os.path.abspath(docs_dir)},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
