@@ -8,10 +8,12 @@ quarantine stays under its threshold) and writes the normalised COCO document.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
+from data_checks.labels import mismatch as label_map_mismatch
 from data_checks.rules import CHECKS, Thresholds
 from data_checks.suites import Outcome
 from data_checks.tables import Tables
@@ -19,6 +21,7 @@ from data_checks.tables import Tables
 ID_KEYS = {"images": "image_ids", "annotations": "annotation_ids", "categories": "category_ids"}
 MAX_WARNING_IDS = 50  # warnings list a sample of ids; failures list them all
 MAX_MESSAGE_IDS = 5
+FILE_CHECKS = ("image_file_missing", "image_too_large", "image_undecodable", "image_exif_rotated")
 
 
 def _json_value(v: Any) -> Any:
@@ -76,9 +79,29 @@ def _message(outcomes: list[Outcome], frames: dict[str, pd.DataFrame]) -> str:
     return "; ".join(parts)
 
 
+def _file_detail(images: pd.DataFrame, check: str, rows: list[int]) -> str:
+    """How many files and a few of them with what was found: '1 file(s) undecodable, e.g. x.jpg (...)'."""
+    verb = {"image_file_missing": "missing", "image_too_large": "too large", "image_undecodable": "undecodable",
+            "image_exif_rotated": "turned by their EXIF Orientation"}[check]
+    shown = []
+    for r in sorted(set(rows))[:3]:
+        name, what = images["file_name"].iat[r], None
+        if check == "image_exif_rotated":
+            what = f"Orientation {images['file_orientation'].iat[r]}"
+        elif check != "image_file_missing" and "file_error" in images:
+            what = images["file_error"].iat[r]
+        shown.append(f"{name} ({what})" if what else str(name))
+    return f"{len(set(rows))} file(s) {verb}, e.g. " + ", ".join(shown)
+
+
 def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], thresholds: Thresholds,
-                 *, unreferenced_files: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The report (``validation.json`` minus run metadata) and the clean document (None on failure)."""
+                 *, unreferenced_files: list[str] | None = None,
+                 label_map: Mapping[int, str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The report (``validation.json`` minus run metadata) and the clean document (None on failure).
+
+    A quarantine check of the image table (``image_exif_rotated``) quarantines the image and
+    every box on it; the clean document leaves both out.
+    """
     frames = {"images": tables.images, "annotations": tables.annotations, "categories": tables.categories}
     ann = tables.annotations
     by_check: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
@@ -89,6 +112,7 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
     failures: list[dict[str, Any]] = []
     warnings: list[dict[str, Any]] = []
     quarantine: dict[int, str] = {}  # row -> first check that quarantined it
+    quarantined_images: dict[Any, str] = {}  # image id -> check
     past_edge_rows: set[int] = set()
 
     def rows_of(key: tuple[str, str]) -> list[int]:
@@ -133,11 +157,22 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
             entry[ID_KEYS[table]] = _ids(frame, rows)
             entry["count"] = len(rows)
         entry["message"] = _message(group, frames)
+        if check in FILE_CHECKS and rows:
+            entry["detail"] = _file_detail(frame, check, rows)
+            entry["message"] += f" ({entry['detail']})"
+        if check == "label_map_mismatch" and label_map is not None:
+            entry["detail"] = label_map_mismatch(list(frame["entry"]), label_map) or entry["message"]
         if check == "box_past_image_edge" and policy == "repair":
             past_edge_rows.update(rows)
             continue  # reported under repairs (or quarantined by box_mostly_outside_image)
         if policy in ("fatal", "quarantine"):
-            if policy == "quarantine":
+            if policy == "quarantine" and table == "images":
+                for r in rows:
+                    quarantined_images.setdefault(frame["id"].iat[r], check)
+                hit = ann["image_id"].isin([i for i in quarantined_images if i is not None]).to_numpy()
+                for r in [int(i) for i in hit.nonzero()[0]]:
+                    quarantine.setdefault(r, check)
+            elif policy == "quarantine":
                 for r in rows:
                     quarantine.setdefault(r, check)
             failures.append(entry)
@@ -170,17 +205,46 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
     report: dict[str, Any] = {
         "success": success,
         "quarantined_annotation_ids": _ids(ann, quarantined_rows),
+        "quarantined_image_ids": sorted(i for i in quarantined_images if i is not None),
         "failures": failures,
         "warnings": warnings,
     }
     clean = None
     repairs: dict[str, Any] = {"clipped_annotation_ids": _ids(ann, clipped_rows), "clipped": []}
     if success:
-        clean, clean_stats = _clean_document(doc, tables, set(quarantined_rows), clipped_rows, repairs)
+        clean, clean_stats = _clean_document(doc, tables, set(quarantined_rows), clipped_rows, repairs,
+                                             dropped_images=set(report["quarantined_image_ids"]))
         repairs.update(clean_stats)
     report["repairs"] = repairs
     report["counts"] = _counts(tables, quarantined_rows, clipped_rows)
     return report, clean
+
+
+def failure_summary(failures: list[dict[str, Any]], *, policies: tuple[str, ...] = ("fatal",),
+                    details: bool = False) -> str:
+    """The failed checks of the given policies in one line, each with a few ids (or its detail).
+
+    ``details`` adds the detail of file checks (which files, and why) after the ids. When the
+    quarantine threshold failed, the quarantine checks behind it follow, with their details.
+    """
+    def part(f: dict[str, Any], with_detail: bool) -> str:
+        key = next((k for k in ("annotation_ids", "image_ids", "category_ids") if k in f), None)
+        if f["check"] == "label_map_mismatch" and f.get("detail"):
+            return f"{f['check']} ({f['detail']})"
+        if key:
+            ids = f[key]
+            shown = ", ".join(str(i) for i in ids[:MAX_MESSAGE_IDS])
+            shown += f", ... ({len(ids)} in all)" if len(ids) > MAX_MESSAGE_IDS else ""
+            extra = f": {f['detail']}" if with_detail and f.get("detail") else ""
+            return f"{f['check']} ({key.replace('_', ' ')[:-1]}s {shown}{extra})"
+        return f"{f['check']} ({f['message'][:120]})"
+
+    parts = [part(f, details) for f in failures if f["policy"] in policies]
+    if "quarantine" not in policies and any(f["check"] == "quarantine_threshold" for f in failures):
+        behind = [part(f, True) for f in failures if f["policy"] == "quarantine"]
+        if behind:
+            parts.append("quarantined by " + ", ".join(behind))
+    return " ".join("; ".join(parts).split())  # one line whatever the messages hold
 
 
 def _order(check: str) -> int:
@@ -189,7 +253,7 @@ def _order(check: str) -> int:
 
 
 def _clean_document(doc: dict[str, Any], tables: Tables, quarantined: set[int], clipped_rows: list[int],
-                    repairs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+                    repairs: dict[str, Any], *, dropped_images: set[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     images_by_id = {}
     for rec in doc["images"]:
         images_by_id.setdefault(rec["id"], rec)
@@ -227,6 +291,8 @@ def _clean_document(doc: dict[str, Any], tables: Tables, quarantined: set[int], 
     repairs["clipped"].sort(key=lambda c: c["annotation_id"])
     clean: dict[str, Any] = {}
     for key, value in doc.items():
+        if key == "images" and dropped_images:
+            value = [im for im in value if im.get("id") not in dropped_images]
         clean[key] = kept if key == "annotations" else value
     stats = {"area_recomputed": n_area, "iscrowd_defaulted": n_crowd, "segmentation_defaulted": n_seg,
              "annotations_reordered": reordered}

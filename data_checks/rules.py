@@ -4,8 +4,9 @@ A check is one rule a user can look up by name in ``validation.json`` and in the
 policy says what happens to the records that break it:
 
 ``fatal``       the dataset fails; the offending ids are reported.
-``quarantine``  the boxes are removed from the cleaned annotations and reported; the run goes on
-                while quarantined boxes stay within ``max_quarantine_fraction`` of all boxes.
+``quarantine``  the boxes (for an image check: the image and all its boxes) are removed from the
+                cleaned annotations and reported; the run goes on while quarantined boxes stay
+                within ``max_quarantine_fraction`` of all boxes.
 ``repair``      the boxes are fixed in the cleaned annotations (clipped to the image) and reported.
 ``warn``        reported as a warning (distribution checks); never fails the run.
 ``info``        a known, handled property of the input (e.g. ``area`` stored as a fraction).
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from PIL import Image
 
 from tasks.errors import PersoncarError
 
@@ -52,10 +55,20 @@ _CHECKS = [
     Check("annotation_image_missing", "fatal", "Every annotation's image_id names an image of the file."),
     Check("annotation_category_unknown", "fatal", "Every annotation's category_id is in the category list."),
     Check("category_absent", "fatal", "Every category has at least one box in the dataset."),
+    Check("label_map_mismatch", "fatal",
+          "The categories are the model's label map: the same ids 1..N with the same names (id 0 is "
+          "the model's background class)."),
     # -- image files (fatal, only with an images folder) ---------------------------------------
     Check("image_file_missing", "fatal", "Every image of the file exists in the images folder."),
+    Check("image_too_large", "fatal",
+          "Every image file has at most max_image_pixels pixels, read from its header: larger ones "
+          "(decompression bombs) are refused before anything is decoded."),
     Check("image_undecodable", "fatal", "Every image file decodes completely."),
     Check("image_size_mismatch", "fatal", "Recorded width/height equal the image file's size."),
+    Check("image_exif_rotated", "quarantine",
+          "No image file carries an EXIF Orientation that rotates or mirrors it (2-8): viewers show "
+          "such a photo turned, so its boxes were drawn on a view that is not the stored pixels; the "
+          "image and its boxes are left out of the cleaned annotations."),
     # -- repairable boxes ----------------------------------------------------------------------
     Check("box_non_positive_size", "quarantine", "Box width and height are > 0."),
     Check("box_past_image_edge", "repair",
@@ -85,6 +98,11 @@ _CHECKS = [
 CHECKS: dict[str, Check] = {c.name: c for c in _CHECKS}
 
 
+def _pillow_max_pixels() -> int:
+    """Pillow's own decompression-bomb limit (about 89.5 million pixels)."""
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Every number the policy uses; all are recorded in ``validation.json`` and the suites."""
@@ -93,6 +111,7 @@ class Thresholds:
     min_clip_keep_fraction: float = 0.5
     min_box_side: float = 1.0
     max_image_side: int = 100_000
+    max_image_pixels: int = field(default_factory=_pillow_max_pixels)
     # warnings (distribution checks)
     max_boxes_per_image: int = 100
     median_boxes_per_image: tuple[float, float] = (1.0, 30.0)
@@ -116,7 +135,7 @@ class Thresholds:
                 raise bad(name, "must be a number between 0 and 1")
         if not isinstance(self.min_box_side, int | float) or not 0 <= self.min_box_side < 1e6:
             raise bad("min_box_side", "must be a number >= 0")
-        for name in ("max_boxes_per_image", "max_image_side"):
+        for name in ("max_boxes_per_image", "max_image_side", "max_image_pixels"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be an integer >= 1")

@@ -15,11 +15,15 @@ import datetime as dt
 import functools
 import logging
 import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_checks.images import TURNED
+from data_checks.labels import entries as label_entries
 from data_checks.rules import CHECKS, Thresholds
 from data_checks.tables import BBOX_OK, Tables
 
@@ -74,7 +78,7 @@ def _quantile_expectation() -> type:
 
 
 def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: list[int],
-                 with_files: bool) -> dict[str, list[Any]]:
+                 with_files: bool, label_map: Mapping[int, str]) -> dict[str, list[Any]]:
     """The expectations of each table, with the thresholds and value sets of this dataset."""
     import great_expectations as gx
     from great_expectations.expectations.metadata_types import FailureSeverity
@@ -85,6 +89,7 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
                 "repair": FailureSeverity.WARNING, "warn": FailureSeverity.WARNING,
                 "info": FailureSeverity.INFO}
     Quantiles = _quantile_expectation()
+    model_entries = label_entries(label_map)
 
     def x(cls: Any, check: str, description: str | None = None, **kwargs: Any) -> Any:
         c = CHECKS[check]
@@ -120,11 +125,14 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
     if with_files:
         images += [
             x(E.ExpectColumnValuesToBeInSet, "image_file_missing", column="file_found", value_set=[True]),
+            x(E.ExpectColumnValuesToBeInSet, "image_too_large", column="file_pixels_ok", value_set=[True]),
             x(E.ExpectColumnValuesToBeInSet, "image_undecodable", column="file_decoded", value_set=[True]),
             x(E.ExpectColumnPairValuesToBeEqual, "image_size_mismatch", column_A="width",
               column_B="file_width", ignore_row_if="either_value_is_missing"),
             x(E.ExpectColumnPairValuesToBeEqual, "image_size_mismatch", column_A="height",
               column_B="file_height", ignore_row_if="either_value_is_missing"),
+            x(E.ExpectColumnValuesToNotBeInSet, "image_exif_rotated", column="file_orientation",
+              value_set=sorted(TURNED)),
             x(E.ExpectColumnValuesToBeInSet, "image_format", column="file_format", value_set=SUPPORTED_FORMATS),
         ]
 
@@ -182,6 +190,12 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
         x(E.ExpectColumnValuesToBeUnique, "duplicate_category_id", column="id"),
         x(E.ExpectColumnValuesToBeUnique, "duplicate_category_name", column="name"),
         x(E.ExpectColumnValuesToBeBetween, "category_absent", column="num_boxes", min_value=1),
+        x(E.ExpectColumnValuesToBeInSet, "label_map_mismatch",
+          f"label_map_mismatch: every category (id and name) is an entry of the model's label map "
+          f"{', '.join(model_entries)}", column="entry", value_set=model_entries),
+        x(E.ExpectColumnDistinctValuesToContainSet, "label_map_mismatch",
+          "label_map_mismatch: every entry of the model's label map is a category of the file",
+          column="entry", value_set=model_entries),
         x(E.ExpectColumnValuesToBeBetween, "class_balance", column="box_fraction",
           min_value=t.min_class_fraction),
     ]
@@ -192,11 +206,12 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
 class SuiteRun:
     outcomes: list[Outcome]
     statistics: dict[str, Any]
-    docs_index: Path
+    docs_index: Path | None
 
 
-def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path, *, with_files: bool) -> SuiteRun:
-    """Validate the three tables with GX and render the Data Docs into ``docs_dir``."""
+def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path | None, *, with_files: bool,
+               label_map: Mapping[int, str]) -> SuiteRun:
+    """Validate the three tables with GX and render the Data Docs into ``docs_dir`` (None: no docs)."""
     t0 = time.perf_counter()
     gx_log = logging.getLogger("great_expectations")
     if gx_log.level == logging.NOTSET:  # GX logs every registration at INFO: keep task logs readable
@@ -209,22 +224,28 @@ def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path, *, with_f
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     views = "data_checks.gx_views"
-    context.add_data_docs_site(site_name=SITE_NAME, site_config={
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
-                               "view": {"module_name": views, "class_name": "IndexPageView"}},
-        "site_section_builders": {
-            "expectations": {"view": {"module_name": views, "class_name": "PageView"}},
-            "validations": {"view": {"module_name": views, "class_name": "PageView"}},
-            "profiling": "None",  # no profiling results are produced
-        },
-    })
+    actions = []
+    if docs_dir is not None:
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[SITE_NAME]))
+        context.add_data_docs_site(site_name=SITE_NAME, site_config={
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            # GX requires an absolute folder; --out may be relative
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": os.path.abspath(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                                   "view": {"module_name": views, "class_name": "IndexPageView"}},
+            "site_section_builders": {
+                "expectations": {"view": {"module_name": views, "class_name": "PageView"}},
+                "validations": {"view": {"module_name": views, "class_name": "PageView"}},
+                "profiling": "None",  # no profiling results are produced
+            },
+        })
 
     image_ids = sorted({v for v in tables.images["id"] if v is not None})
     category_ids = sorted({v for v in tables.categories["id"] if v is not None})
-    suites = build_suites(thresholds, image_ids=image_ids, category_ids=category_ids, with_files=with_files)
+    suites = build_suites(thresholds, image_ids=image_ids, category_ids=category_ids, with_files=with_files,
+                          label_map=label_map)
     frames = {"images": tables.images, "annotations": tables.annotations, "categories": tables.categories}
 
     source = context.data_sources.add_pandas("personcar")
@@ -239,7 +260,7 @@ def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path, *, with_f
             gx.ValidationDefinition(name=f"personcar_{table}", data=batch_def, suite=suite))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
             name=f"personcar_{table}", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[SITE_NAME])],
+            actions=actions,
             result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False}))
         result = checkpoint.run(batch_parameters={"dataframe": frames[table]}, run_id=run_id)
         for suite_result in result.run_results.values():
@@ -248,7 +269,8 @@ def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path, *, with_f
             for r in suite_result.results:
                 outcomes.append(_outcome(table, r))
     statistics["seconds"] = {"import": round(t_import, 3), "run": round(time.perf_counter() - t_run, 3)}
-    return SuiteRun(outcomes=outcomes, statistics=statistics, docs_index=docs_dir / "index.html")
+    return SuiteRun(outcomes=outcomes, statistics=statistics,
+                    docs_index=docs_dir / "index.html" if docs_dir is not None else None)
 
 
 def _plain(v: Any) -> Any:

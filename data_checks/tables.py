@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data_checks.labels import entry as label_entry
 from tasks.errors import DataValidationError, PersoncarError
 
 MISSING = object()
@@ -257,6 +258,9 @@ def build_tables(doc: dict[str, Any]) -> Tables:
                           dtype=object),
         "num_boxes": num_boxes,
         "box_fraction": np.where(cat_ids.notna().to_numpy(), num_boxes / total, np.nan),
+        # "<id> '<name>'" (None when either has the wrong type), compared with the model's label map
+        "entry": pd.Series([label_entry(i, nm) if k == "integer" and nk == "string" else None
+                            for i, nm, k, nk in zip(c_id, c_name, c_id_k, c_name_k, strict=True)], dtype=object),
     })
 
     per_image = image_id.dropna().value_counts()

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -214,24 +215,44 @@ def cmd_publish(a: argparse.Namespace) -> Any:
     return publish(a.src, a.dest, run_id=run_id, endpoint_url=a.endpoint_url)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr (``personcar CMD: error: ...``), exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tasks import __version__
 
-    p = argparse.ArgumentParser(prog="personcar", description="Person/car detector pipeline stages.")
+    p = _Parser(prog="personcar", description="Person/car detector pipeline stages.")
     p.add_argument("--version", action="version", version=f"personcar {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -244,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("sample", cmd_sample, "write an offline sample dataset in the production layout")
     s.add_argument("--out", required=True, help="output folder (gets trainval/...)")
     s.add_argument("--images", type=int, default=24, help="number of images (default 24)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=non_negative, default=0)
     s.add_argument("--archive", help="also pack it as this trainval.tar.gz")
 
     s = add("download", cmd_download, "fetch, verify and safely extract the dataset archive")
@@ -259,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--model", help="model config whose anchors the boxes are checked against "
                                    "(default: ssd_resnet152_v1_fpn_640x640)")
-    s.add_argument("--image-size", type=int, help="input side for the anchor check (default: the model's)")
-    s.add_argument("--max-quarantine-fraction", type=float, default=0.01,
+    s.add_argument("--image-size", type=positive, help="input side for the anchor check (default: the model's)")
+    s.add_argument("--max-quarantine-fraction", type=_fraction, default=0.01,
                    help="fail when more than this fraction of boxes is quarantined (default 0.01)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
@@ -268,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--annotations", required=True, help="the cleaned COCO JSON (annotations.clean.json)")
     s.add_argument("--images", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--num-shards", type=int, help="shards per split (default: from the data size)")
-    s.add_argument("--val-fraction", type=float, help="share of images in val (default 0.1)")
-    s.add_argument("--seed", type=int, help="recorded in the manifest (default 42)")
+    s.add_argument("--num-shards", type=positive, help="shards per split (default: from the data size)")
+    s.add_argument("--val-fraction", type=_fraction, help="share of images in val (default 0.1)")
+    s.add_argument("--seed", type=non_negative, help="recorded in the manifest (default 42)")
     s.add_argument("--run-config", help="run parameters as JSON (flags override them)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
@@ -279,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", required=True)
     s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
     s.add_argument("--backbone", help="resnet18/34/50/101/152 (default: the model's)")
-    s.add_argument("--steps", type=int, help="training steps (default: from --epochs)")
-    s.add_argument("--batch-size", type=int, help="images per GPU (per replica); the global batch is this x GPUs")
-    s.add_argument("--image-size", type=int)
+    s.add_argument("--steps", type=positive, help="training steps (default: from --epochs)")
+    s.add_argument("--batch-size", type=positive, help="images per GPU (per replica); the global batch is this x GPUs")
+    s.add_argument("--image-size", type=positive)
     s.add_argument("--learning-rate", type=float)
     s.add_argument("--epochs", type=float, help="training length in epochs (default: the model's; --steps wins)")
     s.add_argument("--init-checkpoint",
@@ -292,15 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warm-start", choices=("promoted", "none"),
                    help="promoted (default): continue from the last promoted model in --publish-dest")
     s.add_argument("--publish-dest", help="where reports are published (finds the promoted model for --warm-start)")
-    s.add_argument("--validate-every", type=_non_negative_int,
+    s.add_argument("--validate-every", type=non_negative,
                    help="steps between validations on the val split (0: never; default: the model's)")
     s.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="no random flip / scale jitter (overfit checks: memorise the training images)")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=non_negative)
     s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
-    s.add_argument("--gpus", type=_non_negative_int, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
-    s.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines and summaries")
-    s.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
+    s.add_argument("--gpus", type=non_negative, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
+    s.add_argument("--log-every", type=positive, default=10, help="steps between log lines and summaries")
+    s.add_argument("--checkpoint-every", type=positive, help="steps between checkpoints")
     s.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
@@ -317,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="TFRecord folder: predict its val split")
     g.add_argument("--images", help="a folder of images")
     s.add_argument("--out", required=True, help="detections JSON")
-    s.add_argument("--score-threshold", type=float, default=0.0)
+    s.add_argument("--score-threshold", type=_fraction, default=0.0)
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("evaluate", cmd_evaluate, "COCO metrics (pycocotools) of detections against ground truth")
@@ -341,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad value (one line already on stderr)
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     try:
         result = args.fn(args)

@@ -269,7 +269,7 @@ def convert_to_dir(src: str, out: str, run: Any) -> dict[str, Any]:
     import tensorflow as tf
 
     from tasks import checkpoints
-    from tasks.artifacts import atomic_dir, write_json_atomic
+    from tasks.artifacts import StageOutputs, atomic_dir, write_json_atomic
     from tasks.train import build_experiment
 
     prefix = checkpoints.fetch(src)
@@ -285,7 +285,9 @@ def convert_to_dir(src: str, out: str, run: Any) -> dict[str, Any]:
     model = task_factory.get_task(exp.task).build_model()
     report = convert_into(model, prefix, tuple(have), exp.task.model, keys=keys)
     out_path = Path(out)
-    with atomic_dir(out_path) as tmp:
+    outputs = StageOutputs("convert-checkpoint", "conversion.json", keys=("source", "variables"),
+                           names=("ckpt-*", "conversion.json"))
+    with atomic_dir(out_path, outputs) as tmp:
         saved = tf.train.Checkpoint(**{m: getattr(model, m) for m in have}).write(str(tmp / "ckpt-1"))
         write_json_atomic(tmp / "conversion.json", {
             "source": src, "source_prefix": prefix, "model": run.model, "modules": list(have),

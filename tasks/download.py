@@ -16,10 +16,15 @@ hashed again.
 Extraction checks every member before it touches the disk: no absolute paths, no ``..``
 components, no path or link that resolves outside the destination (checked against the real
 folder as it is being built, so chains of symlinks cannot escape either), no device or fifo
-files, and caps on the total extracted size and the member count. Extraction goes to a temp
+files, and caps on the member count and on the extracted size: at most ``max_total_bytes``, at most
+``max_ratio`` times the archive's own size (a gzip bomb inflates a thousandfold; images and JSON
+never near a hundredfold) and never more than the free disk space less ``min_free_bytes``; the first
+cap reached is named in the error. Extraction goes to a temp
 folder beside ``dest`` that replaces ``dest`` in one rename only when complete and when the
 production layout (``trainval/images/``, ``trainval/annotations/bbox-annotations.json``) is
-present; on any failure ``dest`` is left exactly as it was.
+present; on any failure ``dest`` is left exactly as it was. ``dest`` itself must be absent, empty or
+an earlier download's (its manifest, or nothing but ``trainval/``): a folder with anything else
+is refused before anything is fetched.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import ssl
 import tarfile
 import time
@@ -48,13 +54,14 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from tasks import __version__
-from tasks.artifacts import atomic_dir, write_json_atomic
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
 from tasks.errors import PersoncarError
 from tasks.logs import Progress, log
 
 ANNOTATIONS_REL = "trainval/annotations/bbox-annotations.json"
 IMAGES_REL = "trainval/images"
 MANIFEST_NAME = "download_manifest.json"
+OUTPUTS = StageOutputs("download", MANIFEST_NAME, keys=("sha256", "archive_name"), names=("trainval", MANIFEST_NAME))
 
 CHUNK = 1 << 20
 HTTP_TIMEOUT_S = 60.0
@@ -93,6 +100,8 @@ def download_dataset(
     retries: int = 5,
     max_total_bytes: int = 20 * 2**30,
     max_members: int = 200_000,
+    max_ratio: float = 100.0,
+    min_free_bytes: int = 256 * 2**20,
     progress_every: float = 5.0,
     retry_backoff_s: float = 1.0,
 ) -> dict[str, Any]:
@@ -108,15 +117,16 @@ def download_dataset(
     signs when credentials are given or found (environment, shared files, instance role) and
     sends unsigned requests otherwise. ``retries``: consecutive failed attempts tolerated (a
     failure after some bytes arrived resets the count, the next attempt resumes), with
-    exponential backoff starting at ``retry_backoff_s``. ``max_total_bytes`` / ``max_members``
-    cap the extraction (decompression bombs).
+    exponential backoff starting at ``retry_backoff_s``. ``max_total_bytes`` / ``max_members`` /
+    ``max_ratio`` (extracted bytes per archive byte) cap the extraction (decompression bombs), and
+    it never leaves less than ``min_free_bytes`` free on the destination's disk.
     """
     t0 = time.monotonic()
     expected = _check_sha256(sha256)
     if retries < 0:
         raise PersoncarError(f"retries must be >= 0, got {retries}")
-    if max_total_bytes <= 0 or max_members <= 0:
-        raise PersoncarError("max_total_bytes and max_members must be positive")
+    if max_total_bytes <= 0 or max_members <= 0 or not max_ratio > 0 or min_free_bytes < 0:
+        raise PersoncarError("max_total_bytes, max_members and max_ratio must be positive, min_free_bytes >= 0")
     src = _parse_source(source)
     dest = Path(dest).expanduser().absolute()
     cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir().absolute()
@@ -149,8 +159,8 @@ def download_dataset(
                     progress_every=progress_every)
             manifest = _extract_into(
                 archive, dest, src=src, digest=digest, size=size, reused=reused,
-                max_total_bytes=max_total_bytes, max_members=max_members,
-                progress_every=progress_every, t0=t0)
+                max_total_bytes=max_total_bytes, max_members=max_members, max_ratio=max_ratio,
+                min_free_bytes=min_free_bytes, progress_every=progress_every, t0=t0)
     except OSError as e:  # disk full, permissions: a user-actionable failure, not a traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         raise PersoncarError(f"cannot download {src.display}: {e.strerror or e}{where}") from None
@@ -260,6 +270,7 @@ def _check_dest(dest: Path, cache: Path, src: _Source) -> None:
     if src.path is not None and inside(src.path):
         raise PersoncarError(f"archive {src.path} is inside dest {dest}, which is replaced as a whole; "
                              "choose another dest")
+    check_output_dir(dest, OUTPUTS, flag="--dest")
 
 
 @dataclass(frozen=True)
@@ -797,8 +808,29 @@ def _within(root_real: str, path: str) -> bool:
     return real == root_real or real.startswith(root_real + os.sep)
 
 
+@dataclass(frozen=True)
+class _SizeCaps:
+    """Upper bounds on the extracted bytes, each with the rule an error names; the first one reached wins."""
+
+    caps: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def of(cls, archive_size: int, folder: Path, *, max_total_bytes: int, max_ratio: float,
+           min_free_bytes: int) -> _SizeCaps:
+        free = shutil.disk_usage(folder).free
+        return cls(((max_total_bytes, f"max_total_bytes={max_total_bytes} (decompression bomb cap)"),
+                    (int(max_ratio * max(archive_size, 1)),
+                     f"max_ratio={max_ratio:g} times the archive's {archive_size} bytes (decompression bomb cap)"),
+                    (max(free - min_free_bytes, 0),
+                     f"the free disk space ({free} bytes free at {folder}, min_free_bytes={min_free_bytes} kept)")))
+
+    def exceeded(self, total: int) -> str | None:
+        return next((rule for limit, rule in self.caps if total > limit), None)
+
+
 def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_bytes: int,
-                     max_members: int, progress_every: float) -> tuple[int, int]:
+                     max_members: int, progress_every: float, max_ratio: float = 100.0,
+                     min_free_bytes: int = 0) -> tuple[int, int]:
     """Extract ``archive`` into the empty folder ``root``; returns (members, extracted bytes)."""
     root_real = os.path.realpath(root)
     seen: dict[str, str] = {}  # cleaned name -> "dir" | "file" | "link"
@@ -807,6 +839,8 @@ def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_
     current = "(archive header)"
     where = "at the first member"
     size = archive.stat().st_size
+    caps = _SizeCaps.of(size, root.parent, max_total_bytes=max_total_bytes, max_ratio=max_ratio,
+                        min_free_bytes=min_free_bytes)
     progress = Progress(f"extracting {archive_name}", size, unit="bytes", every=progress_every)
     with open(archive, "rb") as raw:
         magic = raw.read(6)
@@ -839,9 +873,8 @@ def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_
                         continue
                     if m.isreg():
                         extracted += m.size
-                        if extracted > max_total_bytes:
-                            raise _unsafe(m.name, archive_name, "extracted size would exceed "
-                                          f"max_total_bytes={max_total_bytes} (decompression bomb cap)")
+                        if rule := caps.exceeded(extracted):
+                            raise _unsafe(m.name, archive_name, f"extracted size would exceed {rule}")
                     tf.extract(m, root_real, set_attrs=True, filter="data")
                     progress.update(raw.tell() - progress.done)
                 where = "at the end of the archive"
@@ -852,9 +885,9 @@ def _extract_members(archive: Path, archive_name: str, root: Path, *, max_total_
                 trailing = 0
                 while block := fileobj.read(CHUNK):
                     trailing += len(block)
-                    if extracted + trailing > max_total_bytes:
-                        raise _unsafe("(end of archive)", archive_name, "data after the end of the archive "
-                                      f"exceeds max_total_bytes={max_total_bytes} (decompression bomb cap)")
+                    if rule := caps.exceeded(extracted + trailing):
+                        raise _unsafe("(end of archive)", archive_name, f"data after the end of the archive "
+                                      f"exceeds {rule}")
             except PersoncarError:
                 raise
             except tarfile.FilterError as e:
@@ -919,12 +952,13 @@ def _check_member(m: tarfile.TarInfo, archive_name: str, root_real: str,
 
 
 def _extract_into(archive: Path, dest: Path, *, src: _Source, digest: str, size: int, reused: bool,
-                  max_total_bytes: int, max_members: int, progress_every: float,
-                  t0: float) -> dict[str, Any]:
-    with atomic_dir(dest) as tmp:
+                  max_total_bytes: int, max_members: int, max_ratio: float, min_free_bytes: int,
+                  progress_every: float, t0: float) -> dict[str, Any]:
+    with atomic_dir(dest, OUTPUTS, flag="--dest") as tmp:
         members, extracted = _extract_members(
             archive, src.archive_name, tmp, max_total_bytes=max_total_bytes,
-            max_members=max_members, progress_every=progress_every)
+            max_members=max_members, progress_every=progress_every, max_ratio=max_ratio,
+            min_free_bytes=min_free_bytes)
         missing = [rel for rel, ok in ((ANNOTATIONS_REL, (tmp / ANNOTATIONS_REL).is_file()),
                                        (IMAGES_REL + "/", (tmp / IMAGES_REL).is_dir())) if not ok]
         if missing:

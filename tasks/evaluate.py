@@ -38,9 +38,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, write_json_atomic
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
 from tasks.errors import PersoncarError
 from tasks.logs import log
+
+# what evaluate writes into OUT (the detections may already be there: predict can write them)
+OUTPUTS = StageOutputs("evaluate", "error_analysis.json", keys=("false_positives", "false_negatives"),
+                       names=("metrics.json", "pr_curves.json", "error_analysis.json", "detections.json"))
 
 METRIC_PREFIX = "DetectionBoxes_Precision/"
 RECALL_PREFIX = "DetectionBoxes_Recall/"
@@ -442,6 +446,7 @@ def evaluate(annotations: str | Path, detections: str | Path, out: str | Path, *
     Returns ``{"out", "metrics", "files", "num_images", "num_ground_truth", "num_detections"}``.
     """
     annotations, detections, out = Path(annotations), Path(detections), Path(out)
+    check_output_dir(out, OUTPUTS)
     if not 0.0 < iou_match <= 1.0:
         raise PersoncarError(f"iou_match must be in (0, 1], got {iou_match}")
     if not 0.0 <= score_threshold <= 1.0:
@@ -465,7 +470,7 @@ def evaluate(annotations: str | Path, detections: str | Path, out: str | Path, *
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.det-", dir=out.parent) as td:
         det_copy = Path(td) / "detections.json"
         shutil.copyfile(detections, det_copy)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, OUTPUTS) as tmp:
             write_json_atomic(tmp / "metrics.json", metrics)
             write_json_atomic(tmp / "pr_curves.json", curves)
             write_json_atomic(tmp / "error_analysis.json", errors)

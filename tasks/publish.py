@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import atomic_dir, safe_run_id, sha256_file, write_json_atomic
+from tasks.artifacts import (StageOutputs, atomic_dir, check_output_dir, not_owned, safe_run_id, sha256_file,
+                             write_json_atomic)
 from tasks.evaluate import load_metrics
 from tasks.errors import PersoncarError
 from tasks.logs import log
@@ -68,7 +69,7 @@ DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU",
 #: Attempts at a conflicting index update before giving up.
 MAX_INDEX_ATTEMPTS = 40
 
-_RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME}
+_RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME, LATEST_LOCK_NAME}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,13 +130,15 @@ def publish(
     if storage.is_remote(dest):
         client = client if client is not None else storage.s3_client(endpoint_url)
     run_uri = storage.join_uri(dest, run)
+    republished = _check_owned_folders(dest, run, client)
 
     # 1. The run folder, mirrored (re-publishing leaves exactly one copy).
     log.info("publishing %d files from %s to %s/", len(files), src, run_uri)
     if storage.is_remote(dest):
         storage.upload_files(files, run_uri, client=client, delete=True)
     else:
-        with atomic_dir(storage.local_path(run_uri)) as tmp:
+        with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished,
+                        flag="--dest") as tmp:
             for rel, path in files:
                 storage.copy_file_atomic(path, tmp / rel)
 
@@ -455,6 +458,37 @@ def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path
                     path.unlink()
     log.info("%s/ now holds run %s (pointer.json written last)", latest_uri, run)
     return latest_uri + "/"
+
+
+def _check_owned_folders(dest: str, run: str, client: Any) -> bool:
+    """Refuse foreign files where publish mirrors: ``DEST/<run id>/`` and ``DEST/latest/``.
+
+    The run folder is publish's own when the index lists the run (else it must be empty or
+    absent); ``latest/`` when it holds a ``pointer.json`` or the index has a promoted run (whose
+    publish may be filling it right now: the index entry is written before ``latest/``, so the
+    folders are listed first and the index read after). Returns whether the run was published before.
+    """
+    run_uri, latest_uri = storage.join_uri(dest, run), storage.join_uri(dest, LATEST_DIR)
+    names = {uri: _folder_names(uri, client) for uri in (run_uri, latest_uri)}
+    index = load_index(dest, client=client)
+    published = any(e.get("run_id") == run for e in index)
+    claimed = POINTER_NAME in names[latest_uri] or any(e.get("promoted") for e in index)
+    for uri, owned in ((run_uri, published), (latest_uri, claimed)):
+        if storage.is_remote(uri):
+            if names[uri] and not owned:
+                raise not_owned(uri, "publish", names[uri][0], flag="--dest")
+        else:
+            check_output_dir(storage.local_path(uri), StageOutputs("publish"), owned=owned, flag="--dest")
+    return published
+
+
+def _folder_names(uri: str, client: Any) -> list[str]:
+    """The files under a destination folder (relative names, sorted); [] when there is none."""
+    if storage.is_remote(uri):
+        bucket, prefix = storage.split_s3(uri)
+        return sorted(k[len(prefix) + 1:] for k in storage.list_objects(client, bucket, prefix))
+    path = storage.local_path(uri)
+    return [rel for rel, _ in storage.list_files(path)] if path.is_dir() and not path.is_symlink() else []
 
 
 def _superseded(dest: str, run: str, client: Any) -> bool:

@@ -33,9 +33,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from tasks.artifacts import atomic_dir
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir
 from tasks.evaluate import load_metrics
 from tasks.logs import log
+
+GENERATOR = '<meta name="generator" content="personcar report">'
+OUTPUTS = StageOutputs("report", "report.html", text=GENERATOR,
+                       names=("report.html", "report.md", "metrics.json", "loss_curves.png", "pr_curves.png",
+                              "sample_detections.png", "validation_curve.png", "data_docs"))
 
 MAP = "DetectionBoxes_Precision/mAP"
 MAP50 = "DetectionBoxes_Precision/mAP@.50IOU"
@@ -519,6 +524,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
     (``metrics``: mAP, mAP@.50IOU, mAP@.75IOU; ``not_available``: the parts the run folder lacked).
     """
     run_dir, out = Path(run_dir), Path(out)
+    check_output_dir(out, OUTPUTS)
     metrics_path = run_dir / "evaluate" / "metrics.json"
     metrics = load_metrics(metrics_path)
     baseline = dict(BASELINE if baseline is None else baseline)
@@ -544,7 +550,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
     title = title or f"personcar run {run_name}"
     log.info("building the report of %s into %s", run_dir, out)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUTS) as tmp:
         shutil.copyfile(metrics_path, tmp / "metrics.json")
         doc = Doc()
         doc.raw(f"<h1>{esc(title)}</h1>", f"# {md(title)}\n")
@@ -731,7 +737,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
             for n in notes:
                 doc.p(n, cls="muted")
 
-        page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
                 f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
                 '<meta name="viewport" content="width=device-width, initial-scale=1">'
                 f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tasks.artifacts import atomic_dir
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir
 from tasks.logs import log
 
 CATEGORIES = [
@@ -129,9 +130,13 @@ def make_sample(out: str | Path, *, images: int = 24, seed: int = 0, archive: st
 
         raise PersoncarError(f"--images must be at least 1, got {images}")
     out = Path(out)
+    # a sample folder holds trainval/ (and the archive, when it is packed inside the folder)
+    inside = archive is not None and Path(os.path.abspath(archive)).parent == Path(os.path.abspath(out))
+    outputs = StageOutputs("sample", names=("trainval",) + ((Path(archive).name,) if inside else ()))
+    check_output_dir(out, outputs)
     rng = np.random.default_rng(seed)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": CATEGORIES, "licenses": LICENSES}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, outputs) as tmp:
         (tmp / IMAGES_REL).mkdir(parents=True)
         (tmp / ANNOTATIONS_REL).parent.mkdir(parents=True)
         for image_id in range(images):

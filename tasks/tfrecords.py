@@ -8,12 +8,18 @@ in the Airflow worker as well as in the trainer image. Model Garden's TFRecord d
 Split: an image goes to val when a stable hash of its file name falls under ``val_fraction``, so
 adding images never moves an old one between splits. Shards are written in parallel, one process
 per shard, and are byte-identical across re-runs.
+
+Inputs are checked by the validation rules themselves (:mod:`data_checks.dataset`: the same
+suites, image checks and label map, without Data Docs): a file that breaks any fatal or quarantine
+rule is refused with one line naming the file, the rule and the records, so a file that validation
+would reject (NaN or negative boxes, a file name outside ``--images``, a truncated or oversized
+image, a category list that is not the model's label map, an EXIF-rotated photo) never becomes
+training data, whatever file is passed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
@@ -21,12 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, sha256_file, write_json_atomic
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, sha256_file, write_json_atomic
+from tasks.config import CLASSES
 from tasks.errors import PersoncarError
 from tasks.logs import Progress, log
 
 TARGET_SHARD_BYTES = 150 * 2**20  # ~100-200 MB a shard
 FORMATS = {"JPEG": "jpeg", "PNG": "png"}
+OUTPUTS = StageOutputs("tfrecords", "manifest.json", keys=("splits", "shards", "label_map"),
+                       names=("train-*-of-*.tfrecord", "val-*-of-*.tfrecord", "label_map.pbtxt", "val.coco.json",
+                              "manifest.json"))
 
 
 # -- TFRecord framing ------------------------------------------------------------------------
@@ -67,14 +77,25 @@ class ImageRecord:
     annotations: list[dict[str, Any]]
 
 
-def make_example(rec: ImageRecord, image_path: Path, names: dict[int, str]) -> bytes:
+def make_example(rec: ImageRecord, image_path: Path, names: dict[int, str],
+                 max_pixels: int | None = None) -> bytes:
     """Serialise one image and its boxes with the OD API keys (normalised, clipped boxes)."""
+    import warnings
+
     from PIL import Image
 
+    from data_checks.images import ImageTooLarge, open_image
+    from data_checks.rules import Thresholds
     from tasks.proto import tf_example_pb2 as pb
 
     encoded = image_path.read_bytes()
-    with Image.open(image_path) as im:  # header only: format and size, no decode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image enforces the limit
+            im = open_image(image_path, max_pixels or Thresholds().max_image_pixels)
+    except ImageTooLarge as exc:
+        raise PersoncarError(f"{image_path}: image too large: {exc} (rule: image_too_large)") from None
+    with im:  # header only: format and size, no decode
         fmt, (w, h) = FORMATS.get(im.format or "", ""), im.size
     if not fmt:
         raise PersoncarError(f"{image_path}: unsupported image format {im.format!r} (rule: jpeg or png)")
@@ -206,13 +227,21 @@ def build_tfrecords(annotations: str | Path, images: str | Path, out: str | Path
     (val ground truth, pixel areas) and ``manifest.json``, all or nothing. ``seed`` is recorded in
     the manifest; the split itself depends only on file names so that it stays stable.
     """
+    from data_checks.dataset import require_valid
+
     annotations, images_dir, out = Path(annotations), Path(images), Path(out)
     if not 0.0 <= val_fraction <= 1.0:
         raise PersoncarError(f"--val-fraction must be within [0, 1], got {val_fraction}")
-    try:
-        coco = json.loads(annotations.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PersoncarError(f"{annotations}: cannot read COCO JSON ({exc})") from None
+    if not images_dir.is_dir():
+        raise PersoncarError(f"{images_dir}: images folder not found")
+    out_abs = out.resolve()
+    for given in (annotations, images_dir):
+        if given.resolve() == out_abs or out_abs in given.resolve().parents:
+            raise PersoncarError(f"--out {out} would replace the input {given}: choose a separate folder")
+    check_output_dir(out, OUTPUTS)
+    # the validation rules themselves, on this very file and these images
+    coco = require_valid(annotations, images_dir, label_map=CLASSES,
+                         hint="; run `personcar validate` and build from its annotations.clean.json")
     names = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
     by_image: dict[int, list[dict[str, Any]]] = {int(im["id"]): [] for im in coco["images"]}
     for a in coco["annotations"]:
@@ -233,7 +262,7 @@ def build_tfrecords(annotations: str | Path, images: str | Path, out: str | Path
 
     train, val = split_images(records, val_fraction)
     workers = workers or os.cpu_count() or 1
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUTS) as tmp:
         shards = {
             "train": write_split("train", train, tmp, images_dir, names, shard_count(train, images_dir, num_shards), workers),
             "val": write_split("val", val, tmp, images_dir, names, shard_count(val, images_dir, num_shards), workers),

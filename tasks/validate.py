@@ -10,7 +10,9 @@
 
 A dataset that fails still gets ``validation.json`` and the Data Docs, then
 :class:`~tasks.errors.DataValidationError` is raised with a one-line reason. The rules, thresholds
-and suites live in :mod:`data_checks`.
+and suites live in :mod:`data_checks` (one pass: :mod:`data_checks.dataset`, which ``tfrecords``
+runs too); the categories are checked against the model's label map (``tasks.config.CLASSES``).
+OUT must be absent, empty or an earlier validation's folder (see :mod:`tasks.artifacts`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, write_json_atomic
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
+from tasks.config import CLASSES
 from tasks.errors import DataValidationError, PersoncarError
 from tasks.logs import log
 
 REPORT_NAME = "validation.json"
 CLEAN_NAME = "annotations.clean.json"
 DOCS_DIR = "data_docs"
+OUTPUTS = StageOutputs("validate", REPORT_NAME, keys=("success", "failures"),
+                       names=(REPORT_NAME, CLEAN_NAME, DOCS_DIR, "anchor_coverage.json"))
 
 
 def validate_annotations(
@@ -42,18 +48,20 @@ def validate_annotations(
     max_boxes_per_image: int = 100,
     min_class_fraction: float = 0.05,
     decode_images: bool = True,
+    label_map: Mapping[int, str] = CLASSES,
 ) -> dict[str, Any]:
     """Validate ``annotations`` (and the files in ``images``); write the report into ``out``.
 
     Returns the report written to ``validation.json``. Raises DataValidationError (exit 1) when
     the dataset fails (after writing the report and the Data Docs), PersoncarError (exit 2) for
-    unusable arguments (missing file or folder, a threshold out of range, OUT containing an input).
-    ``decode_images=False`` limits the image checks to header reads (existence, size, format).
+    unusable arguments (missing file or folder, a threshold out of range, OUT containing an input,
+    OUT a folder that validation did not write). ``decode_images=False`` limits the image checks
+    to header reads (existence, size, format, EXIF orientation, pixel count). ``label_map`` is the
+    model's (ids 1..N with names): the categories must be exactly these.
     """
-    from data_checks.images import check_image_files, unreferenced_files
-    from data_checks.policy import apply_policy
+    from data_checks.dataset import check_dataset, read_dataset, require_label_map
     from data_checks.rules import CHECKS, Thresholds
-    from data_checks.tables import StructureError, build_tables, check_structure, load_document
+    from data_checks.tables import StructureError
 
     start = time.perf_counter()
     ann_path, out_dir = Path(annotations), Path(out)
@@ -61,6 +69,7 @@ def validate_annotations(
     thresholds = Thresholds(max_quarantine_fraction=max_quarantine_fraction,
                             min_clip_keep_fraction=min_clip_keep_fraction, min_box_side=min_box_side,
                             max_boxes_per_image=max_boxes_per_image, min_class_fraction=min_class_fraction)
+    require_label_map(label_map)
     if images_dir is not None and not images_dir.is_dir():
         raise PersoncarError(f"{images_dir}: images folder not found")
     _check_out(out_dir, [ann_path] + ([images_dir] if images_dir is not None else []))
@@ -68,52 +77,41 @@ def validate_annotations(
     base: dict[str, Any] = {"annotations_file": str(ann_path),
                             "images_dir": str(images_dir) if images_dir is not None else None}
     try:
-        doc = load_document(ann_path)
-        problem = check_structure(doc)
-        if problem is not None:
-            where, message = problem
-            raise StructureError(ann_path, "structure", message, where)
+        doc, tables = read_dataset(ann_path)
     except StructureError as exc:
-        report = {"success": False, **base, "quarantined_annotation_ids": [],
+        report = {"success": False, **base, "quarantined_annotation_ids": [], "quarantined_image_ids": [],
                   "failures": [{"check": exc.check, "policy": "fatal", "where": exc.where,
                                 "message": exc.detail}],
                   "warnings": [], "repairs": {}, "counts": {}, "thresholds": thresholds.as_dict(),
                   "checks_run": [], "gx": None,
                   "note": "the file could not be read as COCO tables; no expectation suite ran"}
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, OUTPUTS) as tmp:
             write_json_atomic(tmp / REPORT_NAME, report)
         log.error("validation failed: %s", exc)
         raise
 
-    tables = build_tables(doc)
     log.info("validating %s: %d images, %d boxes, %d categories", ann_path, len(tables.images),
              len(tables.annotations), len(tables.categories))
-    image_stats: dict[str, Any] | None = None
-    unreferenced: list[str] = []
-    if images_dir is not None:
-        tables.images, image_stats = check_image_files(tables.images, images_dir, decode=decode_images)
-        unreferenced = unreferenced_files(images_dir, list(tables.images["file_name"]))
-
-    from data_checks.suites import run_suites
-
-    with atomic_dir(out_dir) as tmp:
-        run = run_suites(tables, thresholds, tmp / DOCS_DIR, with_files=images_dir is not None)
-        report, clean = apply_policy(doc, tables, run.outcomes, thresholds, unreferenced_files=unreferenced)
+    with atomic_dir(out_dir, OUTPUTS) as tmp:
+        result = check_dataset(doc, tables, thresholds, label_map=label_map, images_dir=images_dir,
+                               decode=decode_images, docs_dir=tmp / DOCS_DIR)
+        report, clean, image_stats = result.report, result.clean, result.image_stats
         import great_expectations as gx
 
-        timings = run.statistics.pop("seconds", {})
+        timings = result.statistics.pop("seconds", {})
         report = {
             "success": report["success"], **base, **report,
             "thresholds": thresholds.as_dict(),
+            "label_map": {str(k): v for k, v in sorted(label_map.items())},
             "image_checks": ({k: v for k, v in image_stats.items() if k not in ("seconds", "images_per_second")}
                              if image_stats else None),
             "checks_run": [
                 {"table": o.table, "check": o.check, "policy": o.policy, "expectation": o.expectation,
                  "column": o.column, "success": o.success, "unexpected_count": o.unexpected_count,
                  **({"observed_value": o.observed} if o.unexpected_count is None else {})}
-                for o in run.outcomes
+                for o in result.outcomes
             ],
-            "gx": {"version": gx.__version__, "statistics": run.statistics,
+            "gx": {"version": gx.__version__, "statistics": result.statistics,
                    "data_docs": f"{DOCS_DIR}/index.html",
                    "suites": [f"personcar_{t}" for t in ("images", "annotations", "categories")]},
             "check_descriptions": {c.name: {"policy": c.policy, "description": c.description}
@@ -133,6 +131,9 @@ def validate_annotations(
     for w in report["warnings"]:
         log.log(logging.INFO if w["policy"] == "info" else logging.WARNING,
                 "validation %s %s: %s", "note" if w["policy"] == "info" else "warning", w["check"], w["message"])
+    for f in report["failures"]:
+        if f["policy"] == "quarantine":
+            log.warning("validation quarantined %s: %s", f["check"], f["message"])
     if not report["success"]:
         raise DataValidationError(failure_line(ann_path, out_dir, report["failures"]))
     return report
@@ -140,25 +141,17 @@ def validate_annotations(
 
 def failure_line(ann_path: Path, out_dir: Path, failures: list[dict[str, Any]]) -> str:
     """One line: the file, each fatal check with a few offending ids, and where the report is."""
-    parts = []
-    for f in failures:
-        if f["policy"] != "fatal":
-            continue
-        key = next((k for k in ("annotation_ids", "image_ids", "category_ids") if k in f), None)
-        if key:
-            ids = f[key]
-            shown = ", ".join(str(i) for i in ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
-            parts.append(f"{f['check']} ({key.replace('_', ' ')[:-1]}s {shown})")
-        else:
-            parts.append(f"{f['check']} ({f['message'][:120]})")
-    text = f"{ann_path}: dataset failed validation: " + "; ".join(parts) + f"; see {out_dir / REPORT_NAME}"
+    from data_checks.policy import failure_summary
+
+    text = f"{ann_path}: dataset failed validation: {failure_summary(failures)}; see {out_dir / REPORT_NAME}"
     return " ".join(text.split())  # one line whatever the messages hold
 
 
 def _check_out(out_dir: Path, inputs: list[Path]) -> None:
-    """OUT is replaced as a whole: it must not be, or contain, an input."""
+    """OUT is replaced as a whole: it must not be, or contain, an input, and must be validation's own."""
     out_abs = out_dir.resolve()
     for p in inputs:
         p_abs = p.resolve()
         if p_abs == out_abs or out_abs in p_abs.parents:
             raise PersoncarError(f"--out {out_dir} would replace the input {p}: choose a separate folder")
+    check_output_dir(out_dir, OUTPUTS)
