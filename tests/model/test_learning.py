@@ -1,16 +1,21 @@
-"""Model tests: the detector really learns (overfit check), resumes, exports and predicts.
+"""Model tests: the detector really learns (memorises real images), resumes, exports and predicts.
 
-The overfit check trains the small ResNet-18 config on a few generated images, without augmentation,
-and evaluates on the same images (TFRecords built with --val-fraction 0 and 1): reaching
-mAP@.50IOU >= 0.9 proves that labels, box coordinates and class ids line up from the JSON through
-the TFRecords, the model and the evaluation. Without augmentation the run memorises its images
-(classification and box losses near zero) on any CPU; with flip and scale jitter the same 500 steps
-ended anywhere between mAP@.50IOU 0.65 and 0.94 across machines. The default config stays SSD ResNet-152 at 640 (tests/unit/test_config.py).
+The learning check trains the tiny config (the production architecture, anchors and losses with a
+half-width ResNet-26) on a seeded random subset of the real images in ``../shared/data/personcar``,
+at 512 px and without augmentation, and evaluates on the same images (TFRecords built with
+--val-fraction 0 and 1): reaching mAP@.50IOU >= 0.95 proves that labels, box coordinates, class
+ids, anchors and evaluation line up from the JSON through the TFRecords, the model and COCOeval.
+Without augmentation a run memorises its images (classification and box losses near zero) on any
+CPU; with flip and scale jitter the same steps ended anywhere between 0.65 and 0.94 across
+machines. At 512 px the anchors cover fewer of the real boxes than at production's 640 (validation
+reports both), so the check is no easier than production. The default config stays SSD ResNet-152
+at 640 (tests/unit/test_config.py).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -22,35 +27,53 @@ from tasks.tfrecords import build_tfrecords
 
 pytestmark = pytest.mark.slow
 TINY = "ssd_resnet26_v1_fpn_256x256_tiny"
-OVERFIT_STEPS = 600
+SUBSET_SEED, SUBSET_IMAGES = 0, 6
+LEARN = {"steps": 500, "image_size": 512, "learning_rate": 0.03, "batch_size": 4}
+
+
+def real_subset(shared_data: Path, root: Path, seed: int = SUBSET_SEED, n: int = SUBSET_IMAGES) -> dict:
+    """``n`` random real images (seeded) as a COCO file and an image folder of their own."""
+    coco = json.loads((shared_data / "bbox-annotations.sample112.json").read_text())
+    ids = sorted(random.Random(seed).sample(sorted(im["id"] for im in coco["images"]), n))
+    keep = set(ids)
+    coco["images"] = [im for im in coco["images"] if im["id"] in keep]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    images = root / "images"
+    images.mkdir(parents=True)
+    for im in coco["images"]:
+        (images / im["file_name"]).symlink_to(shared_data / "images" / im["file_name"])
+    raw = root / "subset.json"
+    raw.write_text(json.dumps(coco))
+    return {"ids": ids, "raw": raw, "images": images}
 
 
 @pytest.fixture(scope="module")
-def overfit(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def overfit(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     from tasks.predict import evaluate_model
-    from tasks.sample import make_sample
     from tasks.train import train
-    from tests.conftest import pixel_area_copy
+    from tasks.validate import validate_annotations
 
     root = tmp_path_factory.mktemp("overfit")
-    make_sample(root / "data", images=8, seed=1)
-    clean = pixel_area_copy(root / "data/trainval/annotations/bbox-annotations.json", root / "clean.json")
-    images = root / "data/trainval/images"
-    build_tfrecords(clean, images, root / "train_tfr", val_fraction=0.0)
-    build_tfrecords(clean, images, root / "eval_tfr", val_fraction=1.0)
+    subset = real_subset(shared_data, root / "data")
+    validate_annotations(subset["raw"], root / "validate", images=subset["images"], max_quarantine_fraction=0.2)
+    clean = root / "validate" / "annotations.clean.json"
+    build_tfrecords(clean, subset["images"], root / "train_tfr", val_fraction=0.0)
+    build_tfrecords(clean, subset["images"], root / "eval_tfr", val_fraction=1.0)
     start = time.monotonic()
     summary = train(root / "train_tfr", root / "model",
-                    RunConfig(model=TINY, steps=OVERFIT_STEPS, learning_rate=0.03, augment=False, seed=1), log_every=50)
+                    RunConfig(model=TINY, augment=False, seed=1, init_checkpoint="scratch", **LEARN), log_every=50)
     metrics = evaluate_model(root / "model", root / "eval_tfr", root / "eval")["metrics"]
     seconds = time.monotonic() - start
-    print(f"overfit: mAP@.50IOU {metrics['DetectionBoxes_Precision/mAP@.50IOU']:.3f}, "
-          f"mAP {metrics['DetectionBoxes_Precision/mAP']:.3f} after {OVERFIT_STEPS} steps in {seconds:.0f} s")
-    return {"root": root, "summary": summary, "metrics": metrics, "images": images}
+    boxes = len(json.loads(clean.read_text())["annotations"])
+    print(f"memorise {SUBSET_IMAGES} real images (ids {subset['ids']}, {boxes} boxes): mAP@.50IOU "
+          f"{metrics['DetectionBoxes_Precision/mAP@.50IOU']:.3f}, mAP {metrics['DetectionBoxes_Precision/mAP']:.3f} "
+          f"after {LEARN['steps']} steps in {seconds:.0f} s")
+    return {"root": root, "summary": summary, "metrics": metrics, "images": subset["images"], "ids": subset["ids"]}
 
 
-def test_overfit_reaches_map50_of_at_least_0_9(overfit: dict) -> None:
+def test_memorising_real_images_reaches_map50_of_at_least_0_95(overfit: dict) -> None:
     m = overfit["metrics"]
-    assert m["DetectionBoxes_Precision/mAP@.50IOU"] >= 0.9, m
+    assert m["DetectionBoxes_Precision/mAP@.50IOU"] >= 0.95, m
     assert m["DetectionBoxes_PerformanceByCategory/mAP/person"] > 0.5
     assert m["DetectionBoxes_PerformanceByCategory/mAP/car"] > 0.5
 
@@ -67,7 +90,7 @@ def test_losses_fall_and_are_logged_under_od_api_names(overfit: dict) -> None:
     for tag in ("Loss/classification_loss", "Loss/localization_loss"):  # memorised: both near zero
         values = [v for _, v in flat[tag]]
         assert values[-1] < 0.2 * values[0], (tag, values)
-    assert overfit["summary"]["steps"] == OVERFIT_STEPS
+    assert overfit["summary"]["steps"] == LEARN["steps"]
 
 
 def test_saved_model_predicts_the_same_on_images_and_on_tfrecords(overfit: dict, tmp_path: Path) -> None:
@@ -77,7 +100,7 @@ def test_saved_model_predicts_the_same_on_images_and_on_tfrecords(overfit: dict,
     on_images = predict(overfit["root"] / "model", tmp_path / "b.json", images=overfit["images"])
     key = lambda d: (d["image_id"], d["category_id"], d["score"])  # noqa: E731
     assert sorted(on_records, key=key) == sorted(on_images, key=key)
-    assert {d["image_id"] for d in on_images} == set(range(8))
+    assert {d["image_id"] for d in on_images} == set(overfit["ids"])
     saved = overfit["root"] / "model" / "exported"
     assert (saved / "saved_model.pb").is_file()
     assert json.loads((tmp_path / "a.json").read_text()) == on_records
@@ -85,7 +108,7 @@ def test_saved_model_predicts_the_same_on_images_and_on_tfrecords(overfit: dict,
 
 def test_checkpoints_are_kept_to_the_last_few(overfit: dict) -> None:
     index = sorted(p.name for p in (overfit["root"] / "model").glob("ckpt-*.index"))
-    assert 1 <= len(index) <= 3 and f"ckpt-{OVERFIT_STEPS}.index" in index
+    assert 1 <= len(index) <= 3 and f"ckpt-{LEARN['steps']}.index" in index
 
 
 def test_resume_continues_from_the_last_checkpoint(sample_dataset: dict, tmp_path: Path) -> None:
@@ -147,15 +170,68 @@ def test_experiment_follows_the_run_config(tmp_path: Path) -> None:
     parser = cpu.task.train_data.parser
     assert (parser.aug_rand_hflip, parser.aug_scale_min, parser.aug_scale_max) == (True, 0.8, 1.2)
     assert cpu.runtime.mixed_precision_dtype == "float32" and not cpu.runtime.enable_xla
-    assert cpu.task.model.backbone.resnet.model_id == 152 and cpu.task.model.input_size == [640, 640, 3]
+    model = cpu.task.model
+    assert model.backbone.type == "resnet_v1" and model.backbone.resnet_v1.model_id == 152
+    assert model.decoder.type == "ssd_fpn" and model.input_size == [640, 640, 3]
+    assert model.detection_generator.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
+    assert (cpu.task.losses.huber_loss_delta, cpu.task.losses.box_loss_weight) == (1.0, 1)
     assert cpu.trainer.train_steps == 100 and cpu.task.train_data.global_batch_size == 8
     assert cpu.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 8 / 64)
     assert cpu.task.train_data.input_path == str(tmp_path / "train-*.tfrecord")
+    assert cpu.task.init_checkpoint == ""  # starts are loaded by tasks.checkpoints, never Model Garden's GCS default
 
     plain = build_experiment(RunConfig(model=TINY, augment=False), tmp_path, gpus=0).task.train_data.parser
     assert (plain.aug_rand_hflip, plain.aug_scale_min, plain.aug_scale_max) == (False, 1.0, 1.0)
 
-    gpu = build_experiment(RunConfig(backbone="resnet50"), tmp_path, gpus=2)
+    gpu = build_experiment(RunConfig(backbone="resnet50", batch_size=8, steps=10), tmp_path, gpus=2)
     assert gpu.runtime.mixed_precision_dtype == "float16" and gpu.runtime.enable_xla
     assert gpu.runtime.distribution_strategy == "mirrored" and gpu.runtime.num_gpus == 2
-    assert gpu.task.model.backbone.resnet.model_id == 50
+    assert gpu.task.model.backbone.resnet_v1.model_id == 50
+    assert gpu.task.train_data.global_batch_size == 16  # 8 per GPU x 2
+    assert gpu.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 16 / 64)
+    with pytest.raises(PersoncarError, match="backbone resnet18: the model's resnet_v1 backbone comes in depths"):
+        build_experiment(RunConfig(backbone="resnet18"), tmp_path, gpus=0)
+    mg = build_experiment(RunConfig(model="retinanet_resnet50_fpn_640x640", backbone="resnet18"), tmp_path, gpus=0)
+    assert (mg.task.model.backbone.type, mg.task.model.backbone.resnet.model_id) == ("resnet", 18)
+
+
+def test_validation_during_training_keeps_and_exports_the_best_checkpoint(sample_dataset: dict,
+                                                                          tmp_path: Path) -> None:
+    from tasks.report import read_scalars
+    from tasks.train import train
+
+    data = tmp_path / "tfr"
+    build_tfrecords(sample_dataset["clean"], sample_dataset["images"], data, val_fraction=0.34)
+    summary = train(data, tmp_path / "m", RunConfig(model=TINY, image_size=128, batch_size=2, steps=12,
+                                                    validate_every=4, learning_rate=0.02), log_every=4)
+    val = json.loads((tmp_path / "m" / "validation.json").read_text())
+    assert [h["step"] for h in val["history"]] == [4, 8, 12]
+    best = max(val["history"], key=lambda h: h["DetectionBoxes_Precision/mAP@.50IOU"])
+    assert val["best"]["value"] == best["DetectionBoxes_Precision/mAP@.50IOU"]
+    assert summary["exported_step"] == val["best"]["step"] == int(summary["exported_checkpoint"].rsplit("-", 1)[1])
+    assert summary["exported_checkpoint"].startswith("best/")
+    assert (tmp_path / "m" / "exported" / "checkpoint.txt").read_text().strip() == summary["exported_checkpoint"]
+    curves = read_scalars(tmp_path / "m")["validation"]
+    assert [s for s, _ in curves["DetectionBoxes_Precision/mAP@.50IOU"]] == [4, 8, 12]
+    assert "DetectionBoxes_Recall/AR@100" in curves
+
+
+def test_out_of_memory_ends_with_one_line_that_says_what_to_lower(sample_dataset: dict, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+    from official.vision.tasks.retinanet import RetinaNetTask
+
+    from tasks.train import OutOfMemoryError, train
+
+    def oom(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,256,160,160]")
+
+    monkeypatch.setattr(RetinaNetTask, "train_step", oom)
+    data = tmp_path / "tfr"
+    build_tfrecords(sample_dataset["clean"], sample_dataset["images"], data, val_fraction=0.0)
+    with pytest.raises(OutOfMemoryError) as exc:
+        train(data, tmp_path / "m", RunConfig(model=TINY, image_size=128, batch_size=2, steps=3), export=False)
+    text = str(exc.value)
+    assert text.startswith("out of accelerator memory at batch_size 2 per GPU x 1 replica(s), 128x128 inputs: "
+                           "lower batch_size (per GPU) or image_size") and "\n" not in text
+    assert exc.value.exit_code == 3
