@@ -18,13 +18,17 @@ came from where.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,8 +252,8 @@ def _count(objs: dict[str, Any]) -> int:
 
 def _mismatch_line(prefix: str, exc: BaseException, modules: tuple[str, ...]) -> str:
     text = " ".join(str(exc).split())
-    shape = re.search(r"Received incompatible tensor with shape (\S+) when attempting to restore variable "
-                      r"with shape (\S+) and name ([^:\s]+)", text)
+    shape = re.search(r"Received incompatible tensor with shape (\([^)]*\)) when attempting to restore variable "
+                      r"with shape (\([^)]*\)) and name ([^:\s]+)", text)
     if shape:
         return (f"init checkpoint {prefix} does not fit the model: {shape.group(3)} is {shape.group(1)} in the "
                 f"checkpoint but {shape.group(2)} in the model (another depth, head, anchors or class count?)")
@@ -272,8 +276,23 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
         status.expect_partial()
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
-        raise PersoncarError(_mismatch_line(prefix, exc, modules)) from exc
+        line = _mismatch_line(prefix, exc, modules)
+        with _quiet_tensorflow():  # the half-restored objects list every unused value when collected
+            del ckpt, exc
+            gc.collect()
+        raise PersoncarError(line) from None
     return _count(objs)
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[None]:
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_log.setLevel(level)
 
 
 def initialize(model: Any, model_cfg: Any, uri: str, modules: str | None, *, client: Any = None,

@@ -302,18 +302,20 @@ PROBE = textwrap.dedent(
     """
     import json, sys
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import ApiClient
 
     bag = DagBag(dag_folder=sys.argv[1])
     dag = bag.dags["personcar_detection"]
     pods = {}
     for task in dag.tasks:
-        if type(task).__name__ == "KubernetesPodOperator":
+        if isinstance(task, KubernetesPodOperator):
             pod = task.build_pod_request_obj(dry_run=True)
             pods[task.task_id] = {"pod": ApiClient().sanitize_for_serialization(pod),
                                   "in_cluster": task.in_cluster, "conn_id": task.kubernetes_conn_id}
     print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
-                      "classes": {t.task_id: type(t).__name__ for t in dag.tasks}, "pods": pods}))
+                      "classes": {t.task_id: "KubernetesPodOperator" if isinstance(t, KubernetesPodOperator)
+                                  else type(t).__name__ for t in dag.tasks}, "pods": pods}))
     """
 )
 

@@ -27,6 +27,7 @@ from tests.zoo_checkpoint import write_zoo_checkpoint, zoo_forward, zoo_variable
 pytestmark = pytest.mark.slow
 TINY = "ssd_resnet26_v1_fpn_256x256_tiny"
 SIZE = 128
+OWN_STEPS = 200  # enough to memorise the 12 generated images at 128 px: losses far below a fresh start's
 
 
 def tiny_model(model: str = TINY, backbone: str | None = None, size: int = SIZE):
@@ -68,10 +69,10 @@ def own_run(tfr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from tasks.train import train
 
     model_dir = tmp_path_factory.mktemp("own") / "train"
-    summary = train(tfr, model_dir, RunConfig(model=TINY, image_size=SIZE, batch_size=2, steps=30,
-                                              learning_rate=0.02, augment=False, init_checkpoint="scratch"),
-                    log_every=10, export=False)
-    return {"dir": model_dir, "prefix": str(model_dir / "ckpt-30"), "summary": summary}
+    summary = train(tfr, model_dir, RunConfig(model=TINY, image_size=SIZE, batch_size=2, steps=OWN_STEPS,
+                                              learning_rate=0.03, augment=False, init_checkpoint="scratch"),
+                    log_every=20, export=False)
+    return {"dir": model_dir, "prefix": str(model_dir / f"ckpt-{OWN_STEPS}"), "summary": summary}
 
 
 def test_zoo_checkpoint_converts_to_the_same_network(zoo_ckpt: dict) -> None:
@@ -171,16 +172,16 @@ def test_retinanet_checkpoint_from_s3_and_from_https(own_run: dict, s3_bucket: t
     monkeypatch.setenv("PERSONCAR_CACHE_DIR", str(tmp_path / "cache"))
     endpoint, bucket = s3_bucket
     s3 = boto3.client("s3", endpoint_url=endpoint)
-    for f in own_run["dir"].glob("ckpt-30.*"):
+    for f in own_run["dir"].glob(f"ckpt-{OWN_STEPS}.*"):
         s3.upload_file(str(f), bucket, f"runs/r1/train/{f.name}")
     model, exp = tiny_model()
-    info = initialize(model, exp.task.model, f"s3://{bucket}/runs/r1/train/ckpt-30", "all", client=s3)
+    info = initialize(model, exp.task.model, f"s3://{bucket}/runs/r1/train/ckpt-{OWN_STEPS}", "all", client=s3)
     assert info["variables"] == sum(len(getattr(model, m).variables) for m in ("backbone", "decoder", "head"))
 
     archive = tmp_path / "site" / "retinanet.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
-        for f in own_run["dir"].glob("ckpt-30.*"):
+        for f in own_run["dir"].glob(f"ckpt-{OWN_STEPS}.*"):
             tar.add(f, arcname=f"retinanet/{f.name}")
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(archive.parent), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -189,7 +190,7 @@ def test_retinanet_checkpoint_from_s3_and_from_https(own_run: dict, s3_bucket: t
         url = f"http://127.0.0.1:{server.server_port}/retinanet.tar.gz"
         model2, exp2 = tiny_model()
         info2 = initialize(model2, exp2.task.model, url, "backbone,decoder")
-        assert info2["modules"] == ["backbone", "decoder"] and info2["prefix"].endswith("retinanet/ckpt-30")
+        assert info2["modules"] == ["backbone", "decoder"] and info2["prefix"].endswith(f"retinanet/ckpt-{OWN_STEPS}")
         again = initialize(model2, exp2.task.model, url, "backbone")  # the cache serves the second run
         assert again["prefix"] == info2["prefix"]
     finally:
@@ -220,13 +221,13 @@ def test_warm_start_from_the_promoted_run_starts_near_its_last_loss(own_run: dic
     from tasks.train import resolve_start, train
 
     promoted = {"run_id": "week-1", "model": {"name": TINY, "backbone": None, "checkpoint": own_run["prefix"]}}
-    common = dict(model=TINY, image_size=SIZE, batch_size=2, steps=1, learning_rate=1e-6, augment=False)
+    common = dict(model=TINY, image_size=SIZE, batch_size=2, steps=3, learning_rate=1e-6, augment=False)
     warm_cfg = RunConfig(**common, warm_start="promoted", init_checkpoint="scratch")
     start = resolve_start(warm_cfg, promoted=promoted)
     assert start["kind"] == "promoted" and start["run_id"] == "week-1"
-    warm = train(tfr, tmp_path / "warm", warm_cfg, start=start, export=False, log_every=1)
+    warm = train(tfr, tmp_path / "warm", warm_cfg, start=start, export=False, log_every=3)  # mean of 3 steps
     fresh = train(tfr, tmp_path / "fresh", RunConfig(**common, warm_start="none", init_checkpoint="scratch"),
-                  start=resolve_start(RunConfig(**common, init_checkpoint="scratch")), export=False, log_every=1)
+                  start=resolve_start(RunConfig(**common, init_checkpoint="scratch")), export=False, log_every=3)
     last = own_run["summary"]["final_losses"]
     first_warm, first_fresh = warm["final_losses"], fresh["final_losses"]
     print(f"promoted run's last loss {last}, warm start's first {first_warm}, fresh start's first {first_fresh}")

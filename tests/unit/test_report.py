@@ -300,3 +300,35 @@ def test_read_scalars_matches_eventaccumulator_on_tensorflow_files(tmp_path: Pat
     acc1 = ea.EventAccumulator(str(tmp_path / "train" / "eval"))
     acc1.Reload()
     assert ours["eval"]["Loss/total_loss"] == [(e.step, pytest.approx(e.value)) for e in acc1.Scalars("Loss/total_loss")]
+
+
+def test_report_says_where_training_started_which_step_was_exported_and_the_anchor_coverage(run: Path) -> None:
+    summary = json.loads((run / "train" / "train_summary.json").read_text())
+    summary.update(exported_step=20, exported_checkpoint="best/ckpt-20", started_from={
+        "kind": "pretrained", "description": "COCO 2017 train (118k images), COCO17 val mAP 35.4 (https://x/zoo.tar.gz)",
+        "modules": ["backbone", "decoder", "head"], "variables": 981})
+    (run / "train" / "train_summary.json").write_text(json.dumps(summary))
+    history = [{"step": s, "DetectionBoxes_Precision/mAP": m / 2, "DetectionBoxes_Precision/mAP@.50IOU": m,
+                "DetectionBoxes_Precision/mAP@.75IOU": m / 3, "DetectionBoxes_Recall/AR@100": m}
+               for s, m in ((10, 0.4), (20, 0.61), (30, 0.58))]
+    (run / "train" / "validation.json").write_text(json.dumps({
+        "metric": "DetectionBoxes_Precision/mAP@.50IOU", "every": 10, "history": history,
+        "best": {"step": 20, "metric": "DetectionBoxes_Precision/mAP@.50IOU", "value": 0.61, "checkpoint": "ckpt-20"}}))
+    from tasks.anchors import AnchorSpec, anchor_coverage, coverage_warning
+
+    gt = json.loads((run / "tfrecords" / "val.coco.json").read_text())
+    cov = anchor_coverage(gt, AnchorSpec(image_size=128, anchor_size=8.0))
+    cov["warning"] = coverage_warning(cov)
+    assert cov["warning"] and cov["coverage"] < 0.85
+    (run / "validate" / "anchor_coverage.json").write_text(json.dumps(cov))
+
+    out = build_report(run, run / "report")
+    page = (run / "report" / "report.html").read_text()
+    assert "Started from: COCO 2017 train (118k images), COCO17 val mAP 35.4" in page
+    assert "981 variables of the backbone+decoder+head loaded" in page
+    assert "Exported: step 20, the best mAP@.50IOU on the val split during training (0.6100) of 3 validations" in page
+    assert "validation_curve.png" in out["files"] and "validation" not in out["not_available"]
+    assert f"{cov['coverage']:.1%} of {cov['boxes']:,} validated boxes have an anchor" in page
+    assert "a larger image size or smaller anchors fit this data better" in page
+    md_text = (run / "report" / "report.md").read_text()
+    assert "Exported: step 20" in md_text and "Warning:" in md_text
