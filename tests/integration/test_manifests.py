@@ -246,15 +246,15 @@ def test_values_use_the_images_built_from_docker(values: dict[str, Any], values_
 def test_values_run_the_kubernetes_backend_on_an_s3_artifact_root(values: dict[str, Any],
                                                                   values_env: dict[str, str]) -> None:
     assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")
-    known = set(Settings.ENV.values()) | {var for var, _ in _FROM_ENV.values()}
+    known = set(Settings.env_names().values()) | {var for var, _ in _FROM_ENV.values()}
     assert {k for k in values_env if k.startswith("PERSONCAR_")} <= known
-    settings = Settings.from_env(values_env)
+    settings = Settings.from_environ(values_env)
     assert settings.backend == "kubernetes"
     assert settings.artifact_root.startswith("s3://") and settings.aws_conn_id == "aws_default"
 
 
 def test_values_trainer_pods_match_the_manifests(values_env: dict[str, str]) -> None:
-    pod = TrainerPodSettings.from_env(values_env)
+    pod = TrainerPodSettings.from_environ(values_env)
     assert pod.namespace == _one("Namespace")["metadata"]["name"]
     assert pod.service_account == _one("ServiceAccount")["metadata"]["name"]
     assert pod.aws_secret == _one("Secret", pod.aws_secret)["metadata"]["name"]
@@ -294,7 +294,7 @@ def test_values_set_resources_and_remote_logs(values: dict[str, Any]) -> None:
         assert resources["limits"]["memory"], component
     logging = values["config"]["logging"]
     assert logging["remote_logging"] == "True" and logging["remote_base_log_folder"].startswith("s3://")
-    assert logging["remote_log_conn_id"] == Settings.from_env(
+    assert logging["remote_log_conn_id"] == Settings.from_environ(
         {i["name"]: i["value"] for i in values["env"]}).aws_conn_id
 
 
