@@ -304,7 +304,7 @@ def kubernetes_stage(task_id: str) -> Any:
 
     from tasks.k8s import TrainerPodSettings, make_trainer_task
 
-    pod = TrainerPodSettings.from_env()
+    pod = TrainerPodSettings.load()
     gpus = {"build_tfrecords": 0, "train": pod.gpus, "evaluate": min(pod.gpus, 1)}[task_id]
     extra: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(minutes=5)}
     if task_id == "train":
