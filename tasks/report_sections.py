@@ -158,7 +158,7 @@ def validation(v: Any, missing: list[str]) -> dict[str, Any] | None:
     for f in v.get("failures") or []:
         f = f if isinstance(f, dict) else {"message": str(f)}
         ids = list(f.get("annotation_ids") or f.get("image_ids") or [])
-        kind = "annotations" if f.get("annotation_ids") else "images"
+        kind = ("annotation" if f.get("annotation_ids") else "image") + ("s" if len(ids) != 1 else "")
         shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
         rows.append([str(f.get("check", "")), f"{len(ids):,} {kind}" if ids else "",
                      str(f.get("message", "")) + (f" (ids: {shown})" if ids else "")])
