@@ -110,7 +110,9 @@ def parameters(config: dict[str, Any]) -> dict:
         chosen, used = config.get(key), resolved.get(key)
         if key not in config and key not in resolved:
             continue
-        if chosen is not None:
+        if key == "validate_every" and 0 in (chosen, used):
+            text = "never"
+        elif chosen is not None:
             text = param_text(chosen)
         elif used is not None:
             text = f"{param_text(used)} ({'model default' if key in config else 'derived'})"
@@ -122,7 +124,7 @@ def parameters(config: dict[str, Any]) -> dict:
 
 
 def param_text(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else fmt(v)
+    return f"{v:.4g}" if isinstance(v, float) else fmt(v)
 
 
 # --------------------------------------------------------------------------- the sections

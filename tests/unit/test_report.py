@@ -234,7 +234,7 @@ def test_the_top_says_whether_to_ship_it(run: Path) -> None:
     assert f"| mAP@.50IOU | {m50:.3f} | 0.500 | {m50 - 0.5:+.3f} | 0.038 |" in md and "| person | AP |" in md
 
     params = page[page.index('id="parameters"'):page.index('id="dataset"')]
-    rows = dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", params))
+    rows = dict(re.findall(r'<div class="k">([^<]*)</div><div class="v">([^<]*)</div>', params))
     assert rows["Model"] == "ssd_resnet152_v1_fpn_640x640" and rows["Backbone"] == "resnet152"
     assert rows["Batch per GPU"] == "2" and rows["Steps"] == "30" and rows["Expected SHA-256"] == "not checked"
     assert rows["Global batch"] == "2 (derived)" and rows["Peak learning rate"].endswith("(model default)")
