@@ -1,29 +1,21 @@
-"""The personcar runs view: a small FastAPI app mounted in the Airflow API server at ``/personcar``.
+"""The personcar runs view: a FastAPI app mounted in the Airflow API server at ``/personcar``.
 
-Routes (all behind Airflow's authentication: the UI's session cookie or a bearer token, and read
-access to the ``personcar_detection`` DAG's runs):
+Routes, behind Airflow's authentication (the UI's cookie or a bearer token, read access to the
+``personcar_detection`` DAG's runs): ``/`` the runs page (``templates/runs.html.j2``: an inline SVG
+chart of the metrics over time, the promoted flag, a link to each report; no JavaScript, no external
+asset, so it renders inside the UI's iframe); ``/api/runs`` the same as JSON; ``/reports/<path>``
+(the configured destination) and ``/dest/<id>/<path>`` (another one): a file of an indexed run
+folder or of ``latest/``, from disk, or as a redirect to a presigned URL on S3.
 
-* ``/personcar/``: the runs page (``templates/runs.html.j2``: metrics over time as an inline SVG
-  chart, the promoted flag and a link to each report, per publish destination); no JavaScript, no
-  external assets, so it also renders inside the Airflow UI's iframe;
-* ``/personcar/api/runs``: the runs index and ``latest/`` pointer of each destination as JSON;
-* ``/personcar/reports/<path>`` (the configured destination) and ``/personcar/dest/<id>/<path>``
-  (any other destination a run was published to): a file of a published run or of ``latest/``,
-  served from disk for ``file://`` destinations, a redirect to a short-lived presigned URL for S3.
+Runs are read from the configured destination (``PERSONCAR_PUBLISH_DEST``, the Variable
+``personcar_publish_dest``, else ``<artifact root>/published``) and from every destination the DAG's
+``publish_report`` task published to: its ``report_url`` XComs in the metadata database the UI shows
+the runs from, so a run whose ``publish_dest`` pointed elsewhere (``make demo``'s ``.demo/published``)
+is listed with no setting to keep in step. S3 is read with the tasks' Airflow AWS connection
+(``PERSONCAR_AWS_CONN_ID``, the Variable ``personcar_aws_conn_id``, else ``aws_default``).
 
-Where runs are found: the configured destination (``PERSONCAR_PUBLISH_DEST``, else the Airflow
-Variable ``personcar_publish_dest``, else ``<PERSONCAR_ARTIFACT_ROOT or ~/personcar-artifacts>/published``)
-and every destination the DAG's ``publish_report`` task published to, read from its ``report_url``
-XComs in Airflow's metadata database (the one the UI shows the runs from): a run whose
-``publish_dest`` pointed elsewhere, such as ``make demo``'s ``.demo/published``, is listed with no
-setting to keep in step. A destination is shown only while it holds a ``runs.json``, and only the
-folders of its indexed runs and ``latest/`` are served. S3 is read with the Airflow AWS connection
-the tasks use (``PERSONCAR_AWS_CONN_ID``, the Variable ``personcar_aws_conn_id``, else
-``aws_default``); an S3-compatible endpoint may come from ``PERSONCAR_S3_ENDPOINT_URL`` or the
-Variable ``personcar_s3_endpoint_url``.
-
-This module is imported only when the first request reaches the app: the Airflow processes that
-merely load plugins (scheduler, DAG processor, workers) never import FastAPI or boto3 through it.
+Imported only when the first request reaches the app: the processes that merely load plugins
+(scheduler, DAG processor, workers) never import FastAPI or boto3 through it.
 """
 
 import hashlib
@@ -258,7 +250,7 @@ def render_page(groups: list[dict[str, Any]]) -> str:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     shown = []
-    for g in groups:
+    for g in [g for g in groups if g["runs"] or g["error"]] or groups[:1]:  # an empty destination only alone
         runs = sorted(g["runs"], key=lambda r: str(r.get("published_at") or ""))
         rows = [{"id": str(r.get("run_id")), "when": _when(r), "promoted": r.get("promoted") is True,
                  "metrics": [_num((r.get("metrics") or {}).get(k)) for k, _ in SERIES],

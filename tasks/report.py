@@ -156,6 +156,9 @@ def _warnings(validation: Any, coverage: Any, missing: list[str]) -> list[str]:
     if isinstance(validation, dict):
         if not validation.get("success"):
             out.append("Validation failed: this dataset did not pass its checks (see Validation).")
+        w = len(validation.get("warnings") or [])
+        if w:
+            out.append(f"Validation noted {w} warning{'s' if w > 1 else ''} about the data (see Validation).")
         n = len(validation.get("quarantined_annotation_ids") or [])
         if n:
             out.append(f"{n:,} annotation{'s were' if n > 1 else ' was'} quarantined by validation and left out of "

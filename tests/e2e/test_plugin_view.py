@@ -450,6 +450,10 @@ def test_page_for_an_unreadable_index_and_for_no_runs(plugin_modules):
     assert 'id="empty"' in page and "No runs published yet." in page and "file:///x" in page
     page = views.render_page([{**group, "error": None, "runs": [{"run_id": "a", "metrics": {}}]}])
     assert "no metrics published yet" in page and "<circle" not in page
+    # An empty configured destination is left out when the DAG published elsewhere.
+    other = {**group, "dest": "file:///demo/published", "error": None, "runs": [{"run_id": "b", "metrics": {}}]}
+    page = views.render_page([{**group, "error": None}, other])
+    assert re.findall(r'data-dest="([^"]*)"', page) == ["file:///demo/published"] and "No runs" not in page
 
 
 def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, monkeypatch, tmp_path):

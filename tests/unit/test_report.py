@@ -229,6 +229,7 @@ def test_the_top_says_whether_to_ship_it(run: Path) -> None:
     assert f"AP@.50 {metrics[person]:.3f} {earlier:.3f} {metrics[person] - earlier:+.3f}" in text
     assert 'class="num better"' in top
     assert "1 annotation was quarantined by validation and left out of training." in text
+    assert "Validation noted 1 warning about the data (see Validation)." in text
     md = (run / "report" / "report.md").read_text()
     assert f"**Promoted:** mAP@.50IOU {m50:.3f} beats the promoted run scheduled__2026-11-18 (0.500)" in md
     assert f"| mAP@.50IOU | {m50:.3f} | 0.500 | {m50 - 0.5:+.3f} | 0.038 |" in md and "| person | AP |" in md
