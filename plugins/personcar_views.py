@@ -18,7 +18,9 @@ Imported only when the first request reaches the app: the processes that merely 
 (scheduler, DAG processor, workers) never import FastAPI or boto3 through it.
 """
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 from datetime import datetime
@@ -70,13 +72,9 @@ def s3_client() -> Any:
 
 def decode_xcom(value: Any) -> Any:
     """An XCom value as the task pushed it (the metadata DB may hold it JSON-encoded)."""
-    import json
-
     if isinstance(value, str | bytes):
-        try:
+        with contextlib.suppress(ValueError):
             return json.loads(value)
-        except ValueError:
-            return value
     return value
 
 
@@ -96,16 +94,10 @@ def published_dests(limit: int = 500) -> list[str]:
     except Exception:  # no metadata database here (a CLI, a unit test): only the configured destination
         return []
     out: list[str] = []
-    for value in values:
-        url = decode_xcom(value)
-        if not isinstance(url, str) or url.count("/") < 4:
-            continue
-        try:
+    for url in map(decode_xcom, values):
+        with contextlib.suppress(Exception):  # not a location this view can read
             dest = normalize_dest(url.strip().rsplit("/", 2)[0])  # <dest>/<run id>/report.html
-        except Exception:  # not a destination this view can read
-            continue
-        if dest not in out:
-            out.append(dest)
+            out += [dest] if url.count("/") >= 4 and dest not in out else []
     return out
 
 

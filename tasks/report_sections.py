@@ -133,22 +133,20 @@ def param_text(v: Any) -> str:
 def dataset(manifest: Any, tf_manifest: Any, missing: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"download": None, "splits": None, "shards": None}
     if isinstance(manifest, dict):
-        first = [k for k in ("source", "sha256", "size_bytes", "images") if k in manifest]
-        out["download"] = table(["download", "value"], [[label(k), fmt(manifest[k])] for k in first]
-                                + [[label(k), fmt(v)] for k, v in manifest.items() if k not in first])
+        out["download"] = table(["download", "value"], [[k, fmt(v)] for k, v in flatten(manifest)])
     else:
         missing.append("download")
     splits = tf_manifest.get("splits") if isinstance(tf_manifest, dict) else None
-    if isinstance(splits, dict) and splits:
-        names = sorted({str(c) for s in splits.values() if isinstance(s, dict) for c in (s.get("per_class") or {})})
-        rows = [[name, s.get("images"), s.get("boxes")] + [(s.get("per_class") or {}).get(c) for c in names]
-                for name, s in ((n, s if isinstance(s, dict) else {}) for n, s in splits.items())]
-        out["splits"] = table(["split", "images", "boxes"] + [f"{c} boxes" for c in names], rows,
-                              set(range(1, 3 + len(names))))
-        shards = tf_manifest.get("shards")
-        out["shards"] = len(shards) if isinstance(shards, list) else None
-    else:
+    if not isinstance(splits, dict) or not splits:
         missing.append("tfrecords")
+        return out
+    splits = {n: s if isinstance(s, dict) else {} for n, s in splits.items()}
+    names = sorted({str(c) for s in splits.values() for c in (s.get("per_class") or {})})
+    rows = [[n, s.get("images"), s.get("boxes"), *((s.get("per_class") or {}).get(c) for c in names)]
+            for n, s in splits.items()]
+    out["splits"] = table(["split", "images", "boxes"] + [f"{c} boxes" for c in names], rows,
+                          set(range(1, 3 + len(names))))
+    out["shards"] = len(tf_manifest["shards"]) if isinstance(tf_manifest.get("shards"), list) else None
     return out
 
 
