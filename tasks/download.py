@@ -1,18 +1,18 @@
 """Download stage: fetch the dataset archive, verify its sha256, extract it safely into ``DEST/trainval``.
 
-Fetch: ``s3://`` with boto3 ``get_object`` (unsigned only when ``anonymous`` is True, or None and no
-credentials exist anywhere) and ``http(s)://`` with urllib stream into ``<cache>/<entry>.part``, hashed
-as it grows and renamed once complete; ``file://`` URIs and paths are hashed in place. The next run
-reuses a verified archive when its sha256 is the one asked for, or (none asked) while the remote ETag
-and size are unchanged. Retries belong to Airflow (the task's ``retries`` with backoff): a failed
-attempt ends with one line and leaves DEST as it was; the next one resumes the ``.part`` with a Range
-request tied to the object's ETag (If-Range / If-Match), so no changed object is stitched onto a prefix.
+Fetch: ``s3://`` (boto3 ``get_object``; unsigned only when ``anonymous`` is True, or None and no
+credentials exist anywhere) and ``http(s)://`` (urllib) stream into ``<cache>/<entry>.part``, hashed as
+they arrive and renamed once complete; ``file://`` URIs and paths are hashed in place. A verified
+archive is reused while its sha256 is the one asked for or, with none asked, while the remote ETag
+and size are unchanged. Retries belong to Airflow (the task's ``retries``, with backoff): a failed
+attempt ends with one line, DEST untouched, and the next one resumes the ``.part`` with a Range request
+tied to the ETag (If-Range / If-Match), so a changed object is never stitched onto an old prefix.
 
-Extract: ``tarfile``'s ``data`` filter plus caps on members, bytes, the ratio to the archive's size
-and free disk, into a temp folder that replaces DEST in one rename only when the production layout
-is there (``atomic_dir``). The project keeps its own member checks besides the filter because the
-filter strips absolute names instead of refusing them, lets ``..`` through when it stays inside, and
-knows nothing of duplicate members or of hardlinks to members not extracted before.
+Extract: ``tarfile``'s ``data`` filter plus caps on members, bytes, the ratio to the archive's size and
+free disk, into a temp folder that replaces DEST in one rename once the production layout is there
+(``atomic_dir``). The project keeps its own member checks besides the filter because the filter strips
+absolute names instead of refusing them, passes ``..`` that stays inside, and knows nothing of
+duplicate members or hardlinks to members not extracted before.
 """
 
 from __future__ import annotations
@@ -69,21 +69,19 @@ class _Changed(PersoncarError):
 
 
 class _Source(NamedTuple):
-    kind: str          # "s3" | "http" | "local"
-    uri: str           # the cache key, without secrets (a re-signed URL is the same archive)
-    display: str       # for logs, errors and the manifest
+    kind: str  # "s3" | "http" | "local"
+    uri: str  # the cache key, without secrets (a re-signed URL is the same archive)
+    display: str  # for logs, errors and the manifest
     archive_name: str
-    fetch: str = ""    # the URL as given, secrets included (http)
+    fetch: str = ""  # the URL as given, secrets included (http)
     path: Path | None = None
-    bucket: str = ""
-    key: str = ""
 
 
 class _Body(NamedTuple):
-    offset: int            # where the body starts in the object
-    total: int | None      # the whole object's size
+    offset: int  # where the body starts in the object
+    total: int | None  # the whole object's size
     validator: str | None  # ETag (or Last-Modified)
-    stream: Any            # read(n), close()
+    stream: Any  # read(n), close()
 
 
 def default_cache_dir() -> Path:
@@ -106,13 +104,13 @@ def download_dataset(
     Extraction stops at ``max_members`` members, ``max_total_bytes`` bytes, ``max_ratio`` times the
     archive's size, or before less than ``min_free_bytes`` would stay free on the disk.
     """
-    t0, expected = time.monotonic(), _check_sha256(sha256)
+    t0, expected = time.monotonic(), (sha256 or "").strip().lower() or None
+    if expected and not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise PersoncarError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
     if max_total_bytes <= 0 or max_members <= 0 or not max_ratio > 0 or min_free_bytes < 0:
         raise PersoncarError("max_total_bytes, max_members and max_ratio must be positive, min_free_bytes >= 0")
     src, dest = _parse_source(source), Path(dest).expanduser().absolute()
     cache = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute()
-    if dest == Path(dest.anchor):
-        raise PersoncarError("dest must not be the filesystem root")
     for inner, what in ((cache, f"cache folder {cache}"), (src.path, f"archive {src.path}")):
         if inner is not None and (os.path.realpath(inner) + os.sep).startswith(os.path.realpath(dest) + os.sep):
             raise PersoncarError(f"{what} is inside dest {dest}, which is replaced as a whole; move one of them")
@@ -122,18 +120,15 @@ def download_dataset(
     log.info("download_dataset: source %s -> %s (cache %s)", src.display, dest, cache)
     key = hashlib.sha256(src.uri.encode("utf-8")).hexdigest()[:20]
     entry = cache / f"{key}-{re.sub(r'[^A-Za-z0-9._-]', '_', src.archive_name)[:80]}"
-    limits = {"max_total_bytes": max_total_bytes, "max_ratio": max_ratio, "min_free_bytes": min_free_bytes}
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with _locked(_side(entry, ".lock"), src.display):
-            if src.kind == "local":
-                found = _hash_local(src, entry, expected, progress_every)
-            else:
-                remote = _Http(src) if src.kind == "http" else _S3(
-                    src, endpoint_url, aws_access_key_id, aws_secret_access_key, aws_session_token, region_name,
-                    anonymous)
-                found = _cached(remote, src, entry, expected) or _download(remote, src, entry, expected, progress_every)
-            manifest = _extract_into(*found, dest, src, limits, max_members, progress_every, t0)
+        with _locked(Path(f"{entry}.lock"), src.display):
+            remote = None if src.kind == "local" else _Http(src) if src.kind == "http" else _S3(
+                src, endpoint_url, aws_access_key_id, aws_secret_access_key, aws_session_token, region_name, anonymous)
+            found = _hash_local(src, entry, expected, progress_every) if remote is None else \
+                _cached(remote, src, entry, expected) or _download(remote, src, entry, expected, progress_every)
+            manifest = _extract_into(*found, dest, src, (max_total_bytes, max_ratio, min_free_bytes), max_members,
+                                     progress_every, t0)
     except OSError as exc:  # disk full, permissions: a user-actionable failure, not a traceback
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise PersoncarError(f"cannot download {src.display}: {exc.strerror or exc}{where}") from exc
@@ -145,13 +140,6 @@ def download_dataset(
 
 # -- sources and the cache -------------------------------------------------------------------------
 
-def _check_sha256(sha256: str | None) -> str | None:
-    v = (sha256 or "").strip().lower()
-    if v and not re.fullmatch(r"[0-9a-f]{64}", v):
-        raise PersoncarError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
-    return v or None
-
-
 def _parse_source(source: str) -> _Source:
     s = (source or "").strip()
     scheme = s.split("://", 1)[0].lower() if "://" in s else ""
@@ -161,7 +149,7 @@ def _parse_source(source: str) -> _Source:
         bucket, _, key = s[5:].partition("/")
         if not bucket or not key or key.endswith("/"):
             raise PersoncarError(f"S3 source must be s3://bucket/key of an archive, got {s!r}")
-        return _Source("s3", f"s3://{bucket}/{key}", f"s3://{bucket}/{key}", _name(key), bucket=bucket, key=key)
+        return _Source("s3", f"s3://{bucket}/{key}", f"s3://{bucket}/{key}", _name(key))
     if scheme in ("http", "https"):
         if not urlsplit(s).hostname:
             raise PersoncarError(f"URL has no host: {_redact(s)!r}")
@@ -189,10 +177,6 @@ def _redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query if pairs else parts.query))
 
 
-def _side(entry: Path, suffix: str) -> Path:
-    return entry.with_name(entry.name + suffix)
-
-
 @contextlib.contextmanager
 def _locked(path: Path, what: str) -> Iterator[None]:
     """One process at a time per source: two Airflow tasks must not grow the same .part file."""
@@ -206,11 +190,10 @@ def _locked(path: Path, what: str) -> Iterator[None]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+        return obj if isinstance(obj, dict) else {}
+    return {}
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -220,7 +203,7 @@ def _fingerprint(path: Path) -> list[int]:
 
 def _recorded(entry: Path, src: _Source, archive: Path) -> dict[str, Any]:
     """The cache record of ``archive`` while the file is still the one it describes, else {}."""
-    rec = _read_json(_side(entry, ".json"))
+    rec = _read_json(Path(f"{entry}.json"))
     ok = archive.is_file() and rec.get("source") == src.uri and rec.get("sha256")
     return rec if ok and rec.get("fingerprint") == _fingerprint(archive) else {}
 
@@ -240,10 +223,6 @@ def _hash_file(path: Path, what: str, progress_every: float) -> Any:
     return h
 
 
-def _mismatch(src: _Source, expected: str, actual: str, size: int, note: str = "") -> PersoncarError:
-    return PersoncarError(f"sha256 mismatch for {src.display}: expected {expected}, got {actual} ({size} bytes){note}")
-
-
 def _one_line(e: object) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -260,9 +239,9 @@ def _hash_local(src: _Source, entry: Path, expected: str | None, progress_every:
     else:
         digest = _hash_file(src.path, f"hashing {src.display}", progress_every).hexdigest()
         if _fingerprint(src.path) == fp:  # not modified while it was read
-            write_json_atomic(_side(entry, ".json"), {"source": src.uri, "sha256": digest, "fingerprint": fp})
+            write_json_atomic(Path(f"{entry}.json"), {"source": src.uri, "sha256": digest, "fingerprint": fp})
     if expected and digest != expected:
-        raise _mismatch(src, expected, digest, fp[2])
+        raise PersoncarError(f"sha256 mismatch for {src.display}: expected {expected}, got {digest} ({fp[2]} bytes)")
     return src.path, digest, fp[2], reused
 
 
@@ -273,7 +252,7 @@ def _cached(remote: Any, src: _Source, entry: Path, expected: str | None) -> tup
     if not (rec := _recorded(entry, src, entry)):
         if entry.exists():
             log.warning("cached archive %s changed since it was verified: fetching again", entry)
-        _unlink(entry, _side(entry, ".json"))
+        _unlink(entry, Path(f"{entry}.json"))
         return None
     digest, size = rec["sha256"], entry.stat().st_size
     if expected:
@@ -286,41 +265,41 @@ def _cached(remote: Any, src: _Source, entry: Path, expected: str | None) -> tup
                         src.display, exc, rec.get("downloaded_at", "earlier"), digest)
             return entry, digest, size, True
         probe.stream.close()
-        fresh = probe.total in (None, size) and (probe.validator is None or rec.get("validator") in (None, probe.validator))
+        same_version = probe.validator is None or rec.get("validator") in (None, probe.validator)
+        fresh = probe.total in (None, size) and same_version
         why = f"size {size} -> {probe.total}, version {rec.get('validator')} -> {probe.validator}"
     if fresh:
         log.info("reusing the %s cached archive %s for %s (sha256 %s): not fetching again",
                  "verified" if expected else "unchanged", entry, src.display, digest)
         return entry, digest, size, True
     log.info("cached archive for %s is out of date (%s): fetching again", src.display, why)
-    _unlink(entry, _side(entry, ".json"))
+    _unlink(entry, Path(f"{entry}.json"))
     return None
 
 
 def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
               progress_every: float) -> tuple[Path, str, int, bool]:
     """Stream the object into ``<entry>.part`` (resuming what an earlier attempt left), verify it, rename it."""
-    part, meta = _side(entry, ".part"), _read_json(_side(entry, ".part.json"))
+    part, part_meta = Path(f"{entry}.part"), Path(f"{entry}.part.json")
+    meta = _read_json(part_meta)
     total, validator = meta.get("total"), meta.get("validator")
     size = part.stat().st_size if part.exists() and meta.get("source") == src.uri and validator and total else 0
     body = None
-    if 0 < size < total:  # a part without a validator is never resumed (it could be of another object)
+    if 0 < size < total:  # never without a validator: the part could be of another version
         log.info("partial download of %s in the cache: resuming at byte %d of %d", src.display, size, total)
         try:
             body = remote.open(size, validator)
         except _Changed as exc:
             log.warning("%s: %s; starting again from byte 0", src.display, exc)
-    if body is None:
-        size, body = 0, remote.open(0, None)
-    try:
-        if body.offset != size and body.offset:
+    body = body or remote.open(0, None)
+    with contextlib.closing(body.stream):
+        if body.offset not in (0, size):
             raise PersoncarError(f"cannot download {src.display}: asked for byte {size}, got byte {body.offset}")
-        if body.offset != size:
+        if size and not body.offset:
             log.info("%s: the server sent the whole object instead of bytes %d-; starting again from byte 0",
                      src.display, size)
-            size = 0
-        validator = body.validator or validator
-        write_json_atomic(_side(part, ".json"), {"source": src.uri, "validator": validator, "total": body.total})
+        size, validator = body.offset, body.validator or validator
+        write_json_atomic(part_meta, {"source": src.uri, "validator": validator, "total": body.total})
         h = _hash_file(part, f"hashing the partial {part.name}", progress_every) if size else hashlib.sha256()
         progress = Progress(f"downloading {src.display}", body.total, unit="bytes", every=progress_every, done=size)
         with open(part, "ab" if size else "wb") as f:
@@ -340,17 +319,16 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
                 h.update(chunk)
                 size += len(chunk)
                 progress.update(len(chunk))
-    finally:
-        body.stream.close()
     progress.finish()
     if expected and h.hexdigest() != expected:
-        _unlink(part, _side(part, ".json"))
-        raise _mismatch(src, expected, h.hexdigest(), size, "; the downloaded file was deleted")
+        _unlink(part, part_meta)
+        raise PersoncarError(f"sha256 mismatch for {src.display}: expected {expected}, got {h.hexdigest()} "
+                             f"({size} bytes); the downloaded file was deleted")
     os.replace(part, entry)
-    write_json_atomic(_side(entry, ".json"), {
+    write_json_atomic(Path(f"{entry}.json"), {
         "source": src.uri, "sha256": h.hexdigest(), "validator": validator, "fingerprint": _fingerprint(entry),
         "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    _unlink(_side(part, ".json"))
+    _unlink(part_meta)
     log.info("downloaded %s: %d bytes, sha256 %s%s", src.display, size, h.hexdigest(),
              " (matches the expected checksum)" if expected else "")
     return entry, h.hexdigest(), size, False
@@ -411,11 +389,11 @@ class _S3:
         from botocore import exceptions as bx
         from botocore.config import Config
 
-        self.src, self.bx, self.errors = src, bx, (OSError, bx.BotoCoreError, urllib3.exceptions.HTTPError)
-        if bool(key_id) != bool(secret):
-            raise PersoncarError("give both aws_access_key_id and aws_secret_access_key, or neither")
-        if anonymous and key_id:
-            raise PersoncarError("anonymous S3 access was requested together with credentials; drop one")
+        self.bucket, _, self.key = src.uri[5:].partition("/")
+        self.display, self.bx, self.errors = src.display, bx, (OSError, bx.BotoCoreError, urllib3.exceptions.HTTPError)
+        if bool(key_id) != bool(secret) or (anonymous and key_id):
+            raise PersoncarError("give both aws_access_key_id and aws_secret_access_key or neither, and neither "
+                                 "with anonymous access")
         try:
             session = boto3.session.Session(key_id or None, secret or None, token or None, region or None)
             creds = None if anonymous else session.get_credentials()
@@ -432,7 +410,7 @@ class _S3:
             raise PersoncarError(f"cannot set up S3 access for {src.display}: {_one_line(exc)}") from exc
 
     def open(self, start: int, validator: str | None, *, probe: bool = False) -> _Body:
-        kw: dict[str, Any] = {"Bucket": self.src.bucket, "Key": self.src.key}
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if probe or start:
             kw["Range"] = "bytes=0-0" if probe else f"bytes={start}-"
         if start and validator:
@@ -448,24 +426,24 @@ class _S3:
         except self.bx.BotoCoreError as exc:
             network = isinstance(exc, (self.bx.ConnectionError, self.bx.HTTPClientError))
             raise (_Unreachable if network else PersoncarError)(
-                f"cannot download {self.src.display}: {type(exc).__name__}: {_one_line(exc)}") from exc
+                f"cannot download {self.display}: {type(exc).__name__}: {_one_line(exc)}") from exc
         return _Body(*(_content_range(r.get("ContentRange")) or (0, r.get("ContentLength"))), r.get("ETag"), r["Body"])
 
     def _refusal(self, code: str, status: int, msg: str, start: int) -> PersoncarError:
-        where, bucket, key = self.src.display, self.src.bucket, self.src.key
+        detail = ": ".join(x for x in (code or str(status), msg) if x)
         if code == "NoSuchBucket":
-            return PersoncarError(f"cannot download {where}: bucket '{bucket}' does not exist")
+            return PersoncarError(f"cannot download {self.display}: bucket '{self.bucket}' does not exist")
         if code in ("NoSuchKey", "NotFound") or status == 404:
-            return PersoncarError(f"cannot download {where}: no object '{key}' in bucket '{bucket}'")
+            return PersoncarError(f"cannot download {self.display}: no object '{self.key}' in bucket '{self.bucket}'")
         if start and (code in ("PreconditionFailed", "InvalidRange") or status in (412, 416)):
             return _Changed("the S3 object changed since the partial download (ETag differs)")
         if status == 403 or code in ("AccessDenied", "AllAccessDisabled"):
             how = ("an anonymous (unsigned) request; give credentials (an AWS connection or AWS_ACCESS_KEY_ID/"
                    "AWS_SECRET_ACCESS_KEY) for a private object") if self.anonymous else \
-                f"the given credentials (S3 {code}: {msg})".replace(": )", ")")
-            return PersoncarError(f"access denied to {where} with {how}")
+                f"the given credentials (S3 {detail})"
+            return PersoncarError(f"access denied to {self.display} with {how}")
         cls = _Unreachable if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout") else PersoncarError
-        return cls(f"cannot download {where}: S3 {code or status}: {msg}".rstrip(": "))
+        return cls(f"cannot download {self.display}: S3 {detail}")
 
 
 # -- safe extraction -------------------------------------------------------------------------------
@@ -503,13 +481,16 @@ def _check_member(m: tarfile.TarInfo, archive_name: str, seen: dict[str, str]) -
     return m.replace(name=name, linkname=link, deep=False)
 
 
+def _over(caps: list[tuple[int, str]], total: int) -> str | None:
+    return next((rule for cap, rule in caps if total > cap), None)
+
+
 def _extract_members(archive: Path, name: str, root: Path, caps: list[tuple[int, str]], max_members: int,
                      progress_every: float) -> tuple[int, int]:
     """Extract ``archive`` into the empty folder ``root``; returns (members, extracted bytes)."""
     members = extracted = 0
     current, where, seen = "(archive header)", "at the first member", {}
     progress = Progress(f"extracting {name}", archive.stat().st_size, unit="bytes", every=progress_every)
-    exceeded = lambda n: next((rule for cap, rule in caps if n > cap), None)  # noqa: E731
     with open(archive, "rb") as raw:
         head = raw.read(6)
         raw.seek(0)
@@ -524,7 +505,7 @@ def _extract_members(archive: Path, name: str, root: Path, caps: list[tuple[int,
                     if (m := _check_member(m, name, seen)) is None:
                         continue
                     extracted += m.size if m.isreg() else 0
-                    if m.isreg() and (rule := exceeded(extracted)):
+                    if m.isreg() and (rule := _over(caps, extracted)):
                         raise _unsafe(m.name, name, f"extracted size would exceed {rule}")
                     tf.extract(m, root, set_attrs=True, filter="data")
                     progress.update(raw.tell() - progress.done)
@@ -533,7 +514,7 @@ def _extract_members(archive: Path, name: str, root: Path, caps: list[tuple[int,
                 where, trailing = "at the end of the archive", 0
                 while block := tf.fileobj.read(CHUNK):  # type: ignore[union-attr]
                     trailing += len(block)
-                    if rule := exceeded(extracted + trailing):
+                    if rule := _over(caps, extracted + trailing):
                         raise _unsafe("(end of archive)", name, f"data after the end of the archive exceeds {rule}")
         except tarfile.FilterError as exc:
             rule = _FILTER_RULES.get(type(exc), "{text}")
@@ -552,15 +533,15 @@ def _extract_members(archive: Path, name: str, root: Path, caps: list[tuple[int,
 
 
 def _extract_into(archive: Path, digest: str, size: int, reused: bool, dest: Path, src: _Source,
-                  limits: dict[str, Any], max_members: int, progress_every: float, t0: float) -> dict[str, Any]:
+                  caps: tuple[int, float, int], max_members: int, progress_every: float, t0: float) -> dict[str, Any]:
     with atomic_dir(dest, OUTPUTS, flag="--dest") as tmp:
-        free = shutil.disk_usage(tmp.parent).free
-        caps = [(limits["max_total_bytes"], f"max_total_bytes={limits['max_total_bytes']} (decompression bomb cap)"),
-                (int(limits["max_ratio"] * max(size, 1)),
-                 f"max_ratio={limits['max_ratio']:g} times the archive's {size} bytes (decompression bomb cap)"),
-                (max(free - limits["min_free_bytes"], 0), f"the free disk space ({free} bytes free at {tmp.parent}, "
-                 f"min_free_bytes={limits['min_free_bytes']} kept)")]
-        members, extracted = _extract_members(archive, src.archive_name, tmp, caps, max_members, progress_every)
+        (total, ratio, keep), free = caps, shutil.disk_usage(tmp.parent).free
+        rules = [(total, f"max_total_bytes={total} (decompression bomb cap)"),
+                 (int(ratio * max(size, 1)), f"max_ratio={ratio:g} times the archive's {size} bytes (decompression "
+                  "bomb cap)"),
+                 (max(free - keep, 0), f"the free disk space ({free} bytes free at {tmp.parent}, min_free_bytes={keep} "
+                  "kept)")]
+        members, extracted = _extract_members(archive, src.archive_name, tmp, rules, max_members, progress_every)
         missing = [rel for rel, ok in ((ANNOTATIONS_REL, (tmp / ANNOTATIONS_REL).is_file()),
                                        (IMAGES_REL + "/", (tmp / IMAGES_REL).is_dir())) if not ok]
         if missing:
