@@ -1,18 +1,16 @@
 """Download stage: fetch the dataset archive, verify its sha256, extract it safely into ``DEST/trainval``.
 
-Fetch: ``s3://`` (boto3 ``get_object``; unsigned only when ``anonymous`` is True, or None and no
-credentials exist anywhere) and ``http(s)://`` (urllib) stream into ``<cache>/<entry>.part``, hashed as
-they arrive and renamed once complete; ``file://`` URIs and paths are hashed in place. A verified
-archive is reused while its sha256 is the one asked for or, with none asked, while the remote ETag
-and size are unchanged. Retries belong to Airflow (the task's ``retries``, with backoff): a failed
-attempt ends with one line, DEST untouched, and the next one resumes the ``.part`` with a Range request
-tied to the ETag (If-Range / If-Match), so a changed object is never stitched onto an old prefix.
+Fetch: boto3 ``get_object`` for ``s3://`` (unsigned only when ``anonymous`` is True, or None and no
+credentials exist) and urllib for ``http(s)://`` stream into ``<cache>/<entry>.part``, hashed on the way
+and renamed once complete; local archives are hashed in place. A verified archive is reused while its
+sha256 (or, none given, the remote ETag and size) still matches. Retries belong to Airflow (the task's
+``retries``): a failed attempt ends with one line, DEST untouched, and the next resumes the ``.part``
+with a Range request tied to the ETag (If-Range / If-Match), so no changed object is stitched on.
 
-Extract: ``tarfile``'s ``data`` filter plus caps on members, bytes, the ratio to the archive's size and
-free disk, into a temp folder that replaces DEST in one rename once the production layout is there
-(``atomic_dir``). The project keeps its own member checks besides the filter because the filter strips
-absolute names instead of refusing them, passes ``..`` that stays inside, and knows nothing of
-duplicate members or hardlinks to members not extracted before.
+Extract: ``tarfile``'s ``data`` filter plus member, size, ratio and free-disk caps, into a temp folder
+that replaces DEST in one rename once the production layout is there (``atomic_dir``). The project keeps
+its own member checks because the filter strips absolute names instead of refusing them, passes ``..``
+that stays inside, and knows nothing of duplicate members or hardlinks to members not extracted before.
 """
 
 from __future__ import annotations
