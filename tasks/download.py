@@ -296,6 +296,10 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
         if size and not body.offset:
             log.info("%s: the server sent the whole object instead of bytes %d-; starting again from byte 0",
                      src.display, size)
+        elif size and body.total != total:  # a server that honours Range but not If-Range / If-Match
+            _unlink(part, part_meta)
+            raise _Changed(f"cannot download {src.display}: its size changed from {total} to {body.total} bytes "
+                           "since the partial download, which was deleted; the next run starts again")
         size, validator = body.offset, body.validator or validator
         write_json_atomic(part_meta, {"source": src.uri, "validator": validator, "total": body.total})
         h = _hash_file(part, f"hashing the partial {part.name}", progress_every) if size else hashlib.sha256()

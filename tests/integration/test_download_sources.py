@@ -277,6 +277,20 @@ def test_partial_file_of_a_changed_object_is_not_stitched(http_server, archive, 
     assert json.loads((dest / m["annotations_file"]).read_text())["tag"] == "v2"
 
 
+def test_partial_file_of_a_resized_object_under_the_same_etag_is_not_stitched(http_server, archive, ws):
+    dest, cache = ws
+    http_server.drop_next = 1
+    with pytest.raises(PersoncarError):
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+    new = build_archive(n=N_IMAGES + 2, tag="v2")
+    http_server.set_data(new, '"v1"')  # the ETag did not change: If-Range cannot tell
+    with pytest.raises(PersoncarError, match=rf"its size changed from {len(archive)} to {len(new)} bytes"):
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+    assert not dest.exists() and not [p for p in cache.iterdir() if ".part" in p.name]
+    m = download_dataset(http_server.url, dest, cache_dir=cache, **FAST)  # the next attempt starts again
+    assert m["sha256"] == sha(new) and m["images"] == N_IMAGES + 2
+
+
 def test_http_transient_errors_fail_each_attempt_cleanly_until_one_succeeds(http_server, archive, ws):
     dest, cache = ws
     http_server.fail_next = [503, 502]
