@@ -1,8 +1,13 @@
-"""personcar_detection: retrain and evaluate the person/car detector, weekly or on demand.
+"""personcar_detection: retrain and evaluate the person/car detector weekly, when the dataset is
+updated, or on demand.
 
 download_dataset -> validate_annotations -> build_tfrecords -> train -> evaluate -> publish_report
 
 Stage logic lives in ``tasks`` (the same code as the ``personcar`` CLI); this file only wires it.
+Each task returns the location it wrote and the next takes it as an argument. Assets show the
+lineage: the source archive (``openimages_personcar_archive``: an update from its producer, or
+``POST /api/v2/assets/events``, starts a retrain besides the Monday cron), the downloaded dataset
+(its sha256 and counts) and the model (its metrics and promotion).
 Deployment settings come from the environment or Airflow Variables:
 
 - ``PERSONCAR_EXECUTION_BACKEND`` (env, read when the DAG is parsed): ``local`` (default) runs every
@@ -18,7 +23,8 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
+from airflow.timetables.trigger import CronTriggerTimetable
 
 from tasks.config import PRODUCTION_SOURCE, dag_params
 from tasks.dag_tasks import MACROS
@@ -32,10 +38,16 @@ DEFAULT_SOURCE = os.environ.get("PERSONCAR_DATASET_SOURCE", PRODUCTION_SOURCE)
 PARAMS = dag_params({"dataset_source": DEFAULT_SOURCE})
 
 
+ARCHIVE = Asset(name="openimages_personcar_archive", uri=DEFAULT_SOURCE)
+DATASET = Asset(name="personcar_dataset")
+MODEL = Asset(name="personcar_model")
+
+
 @dag(
     dag_id="personcar_detection",
     description="Validate the openimages-personcar data, train SSD ResNet152 V1 FPN, evaluate and publish.",
-    schedule="0 3 * * 1",  # weekly retrain, Mondays 03:00 UTC
+    # weekly retrain, Mondays 03:00 UTC, and whenever the source archive is updated
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[ARCHIVE]),
     start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -46,52 +58,57 @@ PARAMS = dag_params({"dataset_source": DEFAULT_SOURCE})
     user_defined_macros=MACROS,
 )
 def personcar_detection() -> None:
-    @task(**NETWORK_RETRIES)
+    @task(outlets=[DATASET], **NETWORK_RETRIES)
     def download_dataset(**context):  # noqa: ANN202, ANN003
         from tasks import dag_tasks
 
-        return dag_tasks.download_dataset(context)
+        return dag_tasks.download_dataset(context, DATASET)
 
     @task(retries=0)  # a bad dataset does not get better on retry
-    def validate_annotations(**context):  # noqa: ANN202, ANN003
+    def validate_annotations(download, **context):  # noqa: ANN001, ANN202, ANN003
         from tasks import dag_tasks
 
-        return dag_tasks.validate_annotations(context)
+        return dag_tasks.validate_annotations(context, download)
 
-    @task(**NETWORK_RETRIES)
-    def publish_report(**context):  # noqa: ANN202, ANN003
+    @task(outlets=[MODEL], **NETWORK_RETRIES)
+    def publish_report(parts, **context):  # noqa: ANN001, ANN202, ANN003
         from tasks import dag_tasks
 
-        return dag_tasks.publish_report(context)
+        return dag_tasks.publish_report(context, parts, MODEL)
 
-    if BACKEND == "kubernetes":
+    downloaded = download_dataset()
+    validated = validate_annotations(downloaded)
+    if BACKEND == "kubernetes":  # the pods write <run>/<stage>; the report finds them there
         from tasks.dag_tasks import kubernetes_stage
 
-        tfrecords = kubernetes_stage("build_tfrecords")
-        training = kubernetes_stage("train")
-        evaluation = kubernetes_stage("evaluate")
+        tfrecords, model, evaluation = (kubernetes_stage(t) for t in ("build_tfrecords", "train", "evaluate"))
+        validated >> tfrecords >> model >> evaluation
+        parts = {"download": downloaded, "validate": validated}
     else:
         @task
-        def build_tfrecords(**context):  # noqa: ANN202, ANN003
+        def build_tfrecords(validated, download, **context):  # noqa: ANN001, ANN202, ANN003
             from tasks import dag_tasks
 
-            return dag_tasks.build_tfrecords(context)
+            return dag_tasks.build_tfrecords(context, validated, download)
 
         @task(execution_timeout=timedelta(hours=12))
-        def train(**context):  # noqa: ANN202, ANN003
+        def train(tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
             from tasks import dag_tasks
 
-            return dag_tasks.train(context)
+            return dag_tasks.train(context, tfrecords)
 
         @task
-        def evaluate(**context):  # noqa: ANN202, ANN003
+        def evaluate(model, tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
             from tasks import dag_tasks
 
-            return dag_tasks.evaluate(context)
+            return dag_tasks.evaluate(context, model, tfrecords)
 
-        tfrecords, training, evaluation = build_tfrecords(), train(), evaluate()
-
-    download_dataset() >> validate_annotations() >> tfrecords >> training >> evaluation >> publish_report()
+        tfrecords = build_tfrecords(validated, downloaded)
+        model = train(tfrecords)
+        evaluation = evaluate(model, tfrecords)
+        parts = {"download": downloaded, "validate": validated, "tfrecords": tfrecords, "train": model,
+                 "evaluate": evaluation}
+    evaluation >> publish_report(parts)
 
 
 personcar_detection()

@@ -61,13 +61,11 @@ def publish_dest() -> str:
     return normalize_dest(dest)
 
 
-def s3_client() -> Any:
-    """boto3 S3 client for the publish destinations, with the tasks' AWS connection."""
-    from tasks.dag_tasks import connection_s3_client
-
+def storage_where() -> dict[str, Any]:
+    """How the view reaches S3 (tasks.storage): the tasks' AWS connection, else the endpoint setting."""
     conn_id = os.environ.get("PERSONCAR_AWS_CONN_ID") or _variable("personcar_aws_conn_id") or "aws_default"
     endpoint = os.environ.get("PERSONCAR_S3_ENDPOINT_URL") or _variable("personcar_s3_endpoint_url")
-    return connection_s3_client(conn_id, endpoint)
+    return {"conn_id": conn_id, "endpoint_url": endpoint}
 
 
 def decode_xcom(value: Any) -> Any:
@@ -154,15 +152,14 @@ def load_runs() -> list[dict[str, Any]]:
     except PersoncarError as exc:
         return [{"dest": os.environ.get("PERSONCAR_PUBLISH_DEST") or "?", "id": "", "href": "reports/",
                  "runs": [], "latest": None, "error": str(exc)}]
-    client, out = None, []
+    out = []
     for i, dest in enumerate(dests):
         group = {"dest": dest, "id": dest_id(dest), "href": "reports/" if i == 0 else f"dest/{dest_id(dest)}/",
                  "runs": [], "latest": None, "error": None}
         try:
-            if storage.is_remote(dest) and client is None:
-                client = s3_client()
-            group["runs"] = load_index(dest, client=client if storage.is_remote(dest) else None)
-            group["latest"] = load_pointer(dest, client=client if storage.is_remote(dest) else None)
+            where = storage_where() if storage.is_remote(dest) else {}
+            group["runs"] = load_index(dest, **where)
+            group["latest"] = load_pointer(dest, **where)
         except PersoncarError as exc:
             group["error"] = str(exc)
         if i == 0 or group["runs"]:
@@ -263,7 +260,7 @@ def render_page(groups: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def serve(dest: str, path: str, client_factory: Any = s3_client) -> Any:
+def serve(dest: str, path: str, where_factory: Any = storage_where) -> Any:
     """A file of an indexed run folder or of ``latest/`` under ``dest``: a file or a presigned redirect."""
     from fastapi import HTTPException
     from fastapi.responses import FileResponse, RedirectResponse
@@ -275,14 +272,14 @@ def serve(dest: str, path: str, client_factory: Any = s3_client) -> Any:
 
     remote = storage.is_remote(dest)
     try:
-        client = client_factory() if remote else None
-        runs = {str(e.get("run_id")) for e in load_index(dest, client=client)}
+        where = where_factory() if remote else {}
+        runs = {str(e.get("run_id")) for e in load_index(dest, **where)}
     except PersoncarError as exc:
         raise HTTPException(status_code=502, detail=str(exc)) from exc
     if not safe_path(path) or path.split("/", 1)[0] not in runs | {LATEST_DIR} or "/" not in path:
         raise HTTPException(status_code=404, detail="not found")
     if remote:
-        url = storage.presigned_url(storage.join_uri(dest, path), client=client, expires_in=900)
+        url = storage.presigned_url(storage.join_uri(dest, path), expires_in=900, **where)
         return RedirectResponse(url, status_code=307)
     root = storage.local_path(dest).resolve()
     target = (root / path).resolve()

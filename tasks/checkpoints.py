@@ -107,38 +107,22 @@ def _download_http(url: str, dest: Path) -> None:
     part.replace(dest)
 
 
-def _download_s3(uri: str, dest: Path, client: Any) -> None:
-    """Every object of a checkpoint prefix (``.../ckpt-N.index``, ``.data-*``) or under a folder."""
+def _download_s3(uri: str, dest: Path, where: dict[str, Any]) -> None:
+    """A checkpoint prefix's files (``.../ckpt-N.index``, ``.data-*``) or a folder, into ``dest``."""
     from tasks import storage
 
-    bucket, key = storage.split_s3(uri)
-    key = key.rstrip("/")
-    found: list[str] = []
-    with storage.translate_errors(bucket=bucket, key=key, action="list the checkpoint"):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            found += [o["Key"] for o in page.get("Contents", [])
-                      if o["Key"].startswith((f"{key}/", f"{key}.index", f"{key}.data-"))]
-    if not found:
-        raise PersoncarError(f"{uri}: no such checkpoint (no {key}.index and nothing under {key}/)")
-    parent = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-    for obj_key in sorted(found):
-        target = dest / obj_key[len(parent):]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _s3_object(client, bucket, obj_key, target)
-    log.info("init checkpoint: staged %d objects of %s into %s", len(found), uri, dest)
+    parent, name = uri.rstrip("/").rsplit("/", 1)
+    names = [n for n in storage.list_names(parent, **where)
+             if n.startswith((f"{name}/", f"{name}.index", f"{name}.data-"))]
+    if not names:
+        raise PersoncarError(f"{uri}: no such checkpoint (no {name}.index and nothing under {name}/)")
+    storage.download_dir(parent, dest, names=names, **where)
+    log.info("init checkpoint: staged %d files of %s into %s", len(names), uri, dest)
 
 
-def _s3_object(client: Any, bucket: str, key: str, dest: Path) -> None:
-    from tasks import storage
-
-    part = dest.with_name(dest.name + ".part")
-    with storage.translate_errors(bucket=bucket, key=key, action="download the checkpoint"):
-        client.download_file(bucket, key, str(part))
-    part.replace(dest)
-
-
-def fetch(uri: str, *, client: Any = None, endpoint_url: str | None = None) -> str:
-    """A checkpoint prefix TensorFlow can read for ``uri`` (local, or ``gs://`` as it is)."""
+def fetch(uri: str, *, where: dict[str, Any] | None = None) -> str:
+    """A checkpoint prefix TensorFlow can read for ``uri`` (local, or ``gs://`` as it is); ``where``:
+    how :mod:`tasks.storage` reaches S3 (the AWS connection, an endpoint)."""
     from tasks import storage
 
     if uri.startswith("gs://") and not _is_archive(uri):
@@ -154,15 +138,13 @@ def fetch(uri: str, *, client: Any = None, endpoint_url: str | None = None) -> s
             return find_prefix(str(path))
         return _unpacked(entry, lambda dst: shutil.copyfile(path, dst), path.name)
     if uri.startswith("s3://"):
-        client = client if client is not None else storage.s3_client(endpoint_url)
+        where = where or {}
         name = uri.rstrip("/").rsplit("/", 1)[1]
         if _is_archive(uri):
-            bucket, key = storage.split_s3(uri)
-            return _unpacked(entry, lambda dst: _s3_object(client, bucket, key, dst), name)
+            parent = uri.rsplit("/", 1)[0]
+            return _unpacked(entry, lambda dst: storage.download_dir(parent, dst.parent, names=[name], **where), name)
         staged = entry / "files"
-        if staged.exists():
-            shutil.rmtree(staged)
-        _download_s3(uri, staged, client)
+        _download_s3(uri, staged, where)
         return find_prefix(str(staged / name))  # a ckpt-N prefix (its .index and .data files) or a folder
     if uri.startswith("gs://"):
         import tensorflow as tf
@@ -295,11 +277,11 @@ def _quiet_tensorflow() -> Iterator[None]:
         tf_log.setLevel(level)
 
 
-def initialize(model: Any, model_cfg: Any, uri: str, modules: str | None, *, client: Any = None,
-               endpoint_url: str | None = None) -> dict[str, Any]:
+def initialize(model: Any, model_cfg: Any, uri: str, modules: str | None, *,
+               where: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load ``model``'s modules from the checkpoint at ``uri`` (``model_cfg``: its Model Garden model
     config); what was loaded, for the training summary."""
-    prefix = fetch(uri, client=client, endpoint_url=endpoint_url)
+    prefix = fetch(uri, where=where)
     keys = variables(prefix)
     fmt, have = checkpoint_format(keys)
     wanted = parse_modules(modules) or have

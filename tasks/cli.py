@@ -8,13 +8,11 @@ before the stage runs and outputs synced up after it (the model dir after every 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,58 +26,11 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class _Staging:
-    """Local stand-ins for ``s3://`` arguments: sync inputs down now, outputs up on ``push``."""
+def staging(endpoint_url: str | None) -> Any:
+    """Local stand-ins for ``s3://`` arguments (tasks.storage.Staging): inputs down, outputs up."""
+    from tasks.storage import staging as storage_staging
 
-    def __init__(self, root: Path, endpoint_url: str | None) -> None:
-        self.root, self.endpoint_url, self.outputs = root, endpoint_url, []  # type: ignore[var-annotated]
-
-    def _local(self, uri: str, name: str) -> Path:
-        path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def input(self, uri: str | None, name: str, *, file: bool = False) -> Path | None:
-        from tasks import storage
-
-        if uri is None or not storage.is_remote(uri):
-            return None if uri is None else Path(uri)
-        if file:
-            parent, base = uri.rsplit("/", 1)
-            local = self._local(parent, name)
-            storage.download_dir(parent, local, endpoint_url=self.endpoint_url)
-            return local / base
-        local = self._local(uri, name)
-        storage.download_dir(uri, local, endpoint_url=self.endpoint_url)
-        return local
-
-    def output(self, uri: str, name: str, *, file: bool = False) -> Path:
-        from tasks import storage
-
-        if not storage.is_remote(uri):
-            return Path(uri)
-        if file:
-            parent, base = uri.rsplit("/", 1)
-            local = self._local(parent, name)
-            self.outputs.append((local, parent))
-            return local / base
-        local = self._local(uri, name)
-        self.outputs.append((local, uri))
-        return local
-
-    def push(self) -> None:
-        from tasks import storage
-
-        for local, uri in self.outputs:
-            storage.upload_dir(local, uri, endpoint_url=self.endpoint_url)
-
-
-@contextlib.contextmanager
-def staging(endpoint_url: str | None) -> Iterator[_Staging]:
-    with tempfile.TemporaryDirectory(prefix="personcar-stage-") as tmp:
-        stage = _Staging(Path(tmp), endpoint_url)
-        yield stage
-        stage.push()
+    return storage_staging(endpoint_url=endpoint_url)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -99,9 +50,9 @@ def cmd_validate(a: argparse.Namespace) -> Any:
     from tasks.validate import validate_annotations
 
     with staging(a.endpoint_url) as st:
-        ann = st.input(a.annotations, "annotations", file=True)
-        images = st.input(a.images, "images")
-        out = st.output(a.out, "out")
+        ann = st.input(a.annotations, file=True)
+        images = st.input(a.images)
+        out = st.output(a.out)
         cfg = run_config_from_args(a)
         result = validate_annotations(ann, out, images=images, max_quarantine_fraction=cfg.max_quarantine_fraction)
         from tasks.anchors import write_coverage
@@ -115,9 +66,9 @@ def cmd_tfrecords(a: argparse.Namespace) -> Any:
 
     cfg = run_config_from_args(a)
     with staging(a.endpoint_url) as st:
-        ann = st.input(a.annotations, "annotations", file=True)
-        images = st.input(a.images, "images")
-        out = st.output(a.out, "out")
+        ann = st.input(a.annotations, file=True)
+        images = st.input(a.images)
+        out = st.output(a.out)
         return build_tfrecords(ann, images, out, num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
@@ -145,26 +96,18 @@ def cmd_train(a: argparse.Namespace) -> Any:
     from tasks import storage
     from tasks.train import resolve_start, train
 
-    client = storage.s3_client(a.endpoint_url) if _uses_s3(a.data, a.model_dir, run.init_checkpoint,
-                                                          run.publish_dest) else None
     promoted = None
     if run.warm_start == "promoted" and run.publish_dest:
         from tasks.publish import previous_run
 
-        promoted = previous_run(run.publish_dest, client=client)
+        promoted = previous_run(run.publish_dest, endpoint_url=a.endpoint_url)
     with staging(a.endpoint_url) as st:
-        data = st.input(a.data, "data")
-        model_dir = st.input(a.model_dir, "model") if storage.is_remote(a.model_dir) else Path(a.model_dir)
-        remote_model = storage.is_remote(a.model_dir)
-        on_ckpt = (lambda d: storage.upload_dir(d, a.model_dir, endpoint_url=a.endpoint_url)) if remote_model else None
-        summary = train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-                        export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt,
-                        start=resolve_start(run, promoted=promoted), s3_client=client)
-        return summary
-
-
-def _uses_s3(*uris: str | None) -> bool:
-    return any(isinstance(u, str) and u.startswith("s3://") for u in uris)
+        data = st.input(a.data)
+        model_dir = st.output(a.model_dir, keep=True)  # a resumed run continues from what is there
+        on_ckpt = (lambda _: st.sync(a.model_dir)) if storage.is_remote(a.model_dir) else None
+        return train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+                     export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt,
+                     start=resolve_start(run, promoted=promoted), where={"endpoint_url": a.endpoint_url})
 
 
 def cmd_convert_checkpoint(a: argparse.Namespace) -> Any:
@@ -178,11 +121,19 @@ def cmd_predict(a: argparse.Namespace) -> Any:
     from tasks.predict import predict
 
     with staging(a.endpoint_url) as st:
-        model_dir = st.input(a.model_dir, "model")
-        data, images = st.input(a.data, "data"), st.input(a.images, "images")
-        out = st.output(a.out, "out", file=True)
+        model_dir = _exported_model(st, a.model_dir)
+        data, images = st.input(a.data), st.input(a.images)
+        out = st.output(a.out, file=True)
         dets = predict(model_dir, out, data=data, images=images, score_threshold=a.score_threshold)
         return {"detections": len(dets), "out": a.out}
+
+
+def _exported_model(st: Any, model_dir: str) -> Path:
+    """The model folder; from S3 only its exported SavedModel (not every checkpoint)."""
+    from tasks import storage
+    from tasks.train import EXPORT_SUBDIR
+
+    return st.input(storage.join_uri(model_dir, EXPORT_SUBDIR)) if storage.is_remote(model_dir) else Path(model_dir)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> Any:
@@ -190,14 +141,14 @@ def cmd_evaluate(a: argparse.Namespace) -> Any:
     from tasks.predict import evaluate_model
 
     with staging(a.endpoint_url) as st:
-        out = st.output(a.out, "out")
+        out = st.output(a.out)
         if a.model_dir:
             if not a.data or a.annotations or a.detections:
                 raise PersoncarError("evaluate takes either --annotations and --detections, or --model-dir and --data")
-            return evaluate_model(st.input(a.model_dir, "model"), st.input(a.data, "data"), out)
+            return evaluate_model(_exported_model(st, a.model_dir), st.input(a.data), out)
         if not (a.annotations and a.detections):
             raise PersoncarError("evaluate needs --annotations and --detections (or --model-dir and --data)")
-        return evaluate(st.input(a.annotations, "gt", file=True), st.input(a.detections, "det", file=True), out)
+        return evaluate(st.input(a.annotations, file=True), st.input(a.detections, file=True), out)
 
 
 def cmd_report(a: argparse.Namespace) -> Any:

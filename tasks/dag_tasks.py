@@ -1,16 +1,18 @@
-"""The Airflow side of each stage: run config from params, the run folder, connections.
+"""The Airflow side of each stage: run config from params, locations in and out, connections, Assets.
 
-The DAG's tasks call these functions with the task context; each calls the same stage function as
-the CLI. Run folders are ``<artifact root>/<run key>/<stage>/``: the run key is the DAG run id, or
-``tasks_test__<logical date>`` for the temporary runs of ``airflow tasks test``, so that testing
-tasks one by one on a date finds the outputs of the tasks tested before it.
+Each DAG task calls one of these with its context and the locations its upstream tasks returned;
+each runs the same stage function as the CLI and returns the location it wrote, which the next
+task takes as its argument. A stage's location is ``<artifact root>/<run key>/<stage>`` (a path,
+or ``s3://...`` in production, staged through :class:`tasks.storage.Staging` with the deployment's
+AWS connection); the run key is the DAG run id, or ``tasks_test__<logical date>`` for the
+temporary runs of ``airflow tasks test``, where no upstream task returned anything: a task tested
+alone reads the conventional location of its inputs, so testing tasks one by one on a date finds
+the outputs of the tasks tested before it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from collections.abc import Iterator
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,246 +34,217 @@ def run_key(run_id: str, logical_date: Any = None) -> str:
     return safe_run_id(run_id)
 
 
-@contextlib.contextmanager
-def local_run(context: dict[str, Any], *, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Iterator[Path]:
-    """The run folder as a local path, whatever the artifact root.
-
-    For a local root this is the run folder itself. For an ``s3://`` root (production) the stage
-    works in a temp folder: ``inputs`` (stage folders, or single files when they have a suffix)
-    are synced down first, ``outputs`` (stage folders) are mirrored up when the stage succeeded,
-    so a failed stage leaves the store as it was.
-    """
+def run_location(context: dict[str, Any], stage: str = "") -> str:
+    """``<artifact root>/<run key>[/<stage>]`` of this task's DAG run."""
     from tasks import storage
 
-    st = settings()
-    key = run_key(context["dag_run"].run_id, getattr(context["dag_run"], "logical_date", None))
-    if not storage.is_remote(st.artifact_root):
-        yield Path(st.artifact_root) / key
-        return
-    remote = storage.join_uri(st.artifact_root, key)
-    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url)
-    with tempfile.TemporaryDirectory(prefix="personcar-run-") as tmp:
-        local = Path(tmp) / key
-        for rel in inputs:
-            if Path(rel).suffix:
-                data = storage.read_bytes(storage.join_uri(remote, rel), client=client)
-                if data is not None:
-                    (local / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (local / rel).write_bytes(data)
-            else:
-                storage.download_dir(storage.join_uri(remote, rel), local / rel, client=client)
-        log.info("run folder: %s (staged in %s)", remote, local)
-        yield local
-        for rel in outputs:
-            if Path(rel).suffix:
-                storage.upload_files([(rel, local / rel)], remote, client=client)
-            else:
-                storage.upload_dir(local / rel, storage.join_uri(remote, rel), client=client, delete=True)
+    dag_run = context["dag_run"]
+    root = settings().artifact_root
+    root = root if storage.is_remote(root) else str(Path(root).absolute())
+    return storage.join_uri(root, run_key(dag_run.run_id, getattr(dag_run, "logical_date", None)), stage)
 
 
 def run_config(context: dict[str, Any]) -> RunConfig:
-    params = {k: v for k, v in dict(context["params"]).items() if k in RunConfig.model_fields}
-    return RunConfig.from_params(params)
+    return RunConfig.from_params({k: v for k, v in dict(context["params"]).items() if k in RunConfig.model_fields})
 
 
-def _require(path: Path, what: str, task: str) -> Path:
-    if not path.exists():
-        from tasks.errors import PersoncarError
-
-        raise PersoncarError(f"{path} is missing: run task {task!r} for this run first ({what})")
-    return path
+def where() -> dict[str, Any]:
+    """How :mod:`tasks.storage` reaches S3 from a task: the AWS connection, else the endpoint setting."""
+    st = settings()
+    return {"conn_id": st.aws_conn_id, "endpoint_url": st.s3_endpoint_url}
 
 
-def _aws_credentials(conn_id: str) -> dict[str, Any]:
-    """Credentials and endpoint from the Airflow AWS connection, or {} to use the default chain."""
-    try:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+def staging() -> Any:
+    from tasks.storage import staging as stage_folders
 
-        hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")
-        creds = hook.get_credentials()
-        endpoint = hook.conn_config.endpoint_url
-    except Exception as exc:  # connection not defined: boto3's default chain / anonymous access
-        why = "no credentials in it or in the environment" if isinstance(exc, AttributeError) else type(exc).__name__
-        log.info("AWS connection %r not usable (%s); using boto3's default chain or anonymous access", conn_id, why)
-        return {}
-    out: dict[str, Any] = {}
-    if creds and creds.access_key:
-        out.update(aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
-                   aws_session_token=creds.token)
-    if endpoint:
-        out["endpoint_url"] = endpoint
-    return out
+    return stage_folders(**where())
 
 
-def connection_s3_client(conn_id: str, endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client with the Airflow AWS connection's credentials and endpoint.
+def _input(location: str | None, context: dict[str, Any], stage: str, task: str) -> str:
+    """The upstream task's location, or (``airflow tasks test``) where that task writes."""
+    from tasks import storage
 
-    Without a usable connection: boto3's default chain, and ``endpoint_url`` (the deployment's
-    S3-compatible endpoint) when the connection names none.
-    """
-    from tasks.storage import s3_client
+    location = location or run_location(context, stage)
+    if storage.is_remote(location) or Path(location).exists():
+        return location
+    from tasks.errors import PersoncarError
 
-    creds = _aws_credentials(conn_id)
-    return s3_client(creds.pop("endpoint_url", None) or endpoint_url, **creds)
+    raise PersoncarError(f"{location} is missing: run task {task!r} for this run first")
+
+
+def _fail_without_retry(exc: BaseException) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException(str(exc)) from exc
 
 
 # -- stages ------------------------------------------------------------------------------------
-def download_dataset(context: dict[str, Any]) -> dict[str, Any]:
+def download_dataset(context: dict[str, Any], dataset: Any = None) -> str:
+    """Fetch the archive; its sha256 and counts become the dataset Asset's event metadata."""
+    from tasks import storage
     from tasks.download import download_dataset as download
 
-    cfg, st = run_config(context), settings()
-    kwargs = _aws_credentials(st.aws_conn_id) if cfg.dataset_source.startswith("s3://") else {}
-    if st.s3_endpoint_url:
-        kwargs.setdefault("endpoint_url", st.s3_endpoint_url)
-    with local_run(context, outputs=("download",)) as run:
-        log.info("run folder: %s", run)
-        return download(cfg.dataset_source, run / "download", sha256=cfg.dataset_sha256, **kwargs)
+    cfg, out = run_config(context), run_location(context, "download")
+    hook = storage.aws_hook(settings().aws_conn_id) if cfg.dataset_source.startswith("s3://") else None
+    kwargs = {"session": hook.get_session()} if hook is not None else {"endpoint_url": settings().s3_endpoint_url}
+    with staging() as st:
+        manifest = download(cfg.dataset_source, st.output(out), sha256=cfg.dataset_sha256, **kwargs)
+    if dataset is not None:
+        context["outlet_events"][dataset].extra = {
+            k: manifest.get(k) for k in ("source", "sha256", "size_bytes", "images", "members")}
+    return out
 
 
-def validate_annotations(context: dict[str, Any]) -> dict[str, Any]:
+def validate_annotations(context: dict[str, Any], download: str | None = None) -> str:
+    from tasks.anchors import write_coverage
     from tasks.validate import validate_annotations as validate
 
-    cfg = run_config(context)
-    with local_run(context, inputs=("download",), outputs=("validate",)) as run:
-        data = _require(run / "download" / "trainval", "the extracted dataset", "download_dataset")
-        out = run / "validate"
-        result = validate(data / "annotations" / "bbox-annotations.json", out, images=data / "images",
+    cfg, out = run_config(context), run_location(context, "validate")
+    download = _input(download, context, "download", "download_dataset")
+    with staging() as st:
+        data = st.input(download) / "trainval"
+        local = st.output(out)
+        result = validate(data / "annotations" / "bbox-annotations.json", local, images=data / "images",
                           max_quarantine_fraction=cfg.max_quarantine_fraction)
-        log.info("Great Expectations Data Docs: %s", out / "data_docs" / "index.html")
-        from tasks.anchors import write_coverage
+        coverage = write_coverage(local / "annotations.clean.json", local, cfg.model, cfg.image_size)
+    log.info("validation: %d annotations quarantined; anchor coverage %.1f%%; Great Expectations Data Docs: %s",
+             len(result.get("quarantined_annotation_ids", [])), 100 * (coverage["coverage"] or 0),
+             f"{out}/data_docs/index.html")
+    return out
 
-        coverage = write_coverage(out / "annotations.clean.json", out, cfg.model, cfg.image_size)
-    return {k: result[k] for k in ("success", "counts") if k in result} | {
-        "quarantined": len(result.get("quarantined_annotation_ids", [])), "anchor_coverage": coverage["coverage"]}
 
-
-def build_tfrecords(context: dict[str, Any]) -> dict[str, Any]:
+def build_tfrecords(context: dict[str, Any], validated: str | None = None, download: str | None = None) -> str:
+    from tasks import storage
     from tasks.tfrecords import build_tfrecords as build
 
-    cfg = run_config(context)
-    with local_run(context, inputs=("download", "validate/annotations.clean.json"), outputs=("tfrecords",)) as run:
-        clean = _require(run / "validate" / "annotations.clean.json", "the cleaned annotations",
-                         "validate_annotations")
-        manifest = build(clean, run / "download" / "trainval" / "images", run / "tfrecords",
-                         num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    return {split: {k: v for k, v in s.items() if k != "image_ids"} for split, s in manifest["splits"].items()}
+    cfg, out = run_config(context), run_location(context, "tfrecords")
+    validated = _input(validated, context, "validate", "validate_annotations")
+    download = _input(download, context, "download", "download_dataset")
+    with staging() as st:
+        clean = st.input(storage.join_uri(validated, "annotations.clean.json"), file=True)
+        images = st.input(storage.join_uri(download, "trainval", "images"))
+        build(clean, images, st.output(out), num_shards=cfg.num_shards, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return out
 
 
-def train(context: dict[str, Any]) -> dict[str, Any]:
+def train(context: dict[str, Any], tfrecords: str | None = None) -> str:
     from tasks.publish import previous_run
     from tasks.train import OutOfMemoryError, resolve_start
     from tasks.train import train as run_training
 
-    cfg, st = run_config(context), settings()
-    dest = cfg.publish_dest or st.default_publish_dest()
-    uses_s3 = any(u.startswith("s3://") for u in (dest, st.artifact_root, cfg.init_checkpoint))
-    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url) if uses_s3 else None
-    promoted = previous_run(dest, client=client) if cfg.warm_start == "promoted" else None
-    start = resolve_start(cfg, promoted=promoted)
-    with local_run(context, inputs=("tfrecords", "train"), outputs=("train",)) as run:
-        data = _require(run / "tfrecords" / "manifest.json", "the TFRecords", "build_tfrecords").parent
+    cfg, out = run_config(context), run_location(context, "train")
+    tfrecords = _input(tfrecords, context, "tfrecords", "build_tfrecords")
+    dest = cfg.publish_dest or settings().default_publish_dest()
+    promoted = previous_run(dest, **where()) if cfg.warm_start == "promoted" else None
+    from tasks import storage
+
+    with staging() as st:
+        model_dir = st.output(out, keep=True)  # a retried task resumes from its last checkpoint
         try:
-            summary = run_training(data, run / "train", cfg, start=start, s3_client=client)
+            summary = run_training(st.input(tfrecords), model_dir, cfg, start=resolve_start(cfg, promoted=promoted),
+                                   where=where(), on_checkpoint=(lambda _: st.sync(out)) if storage.is_remote(out)
+                                   else None)
         except OutOfMemoryError as exc:  # the same batch runs out of memory again: do not retry
-            from airflow.sdk.exceptions import AirflowFailException
-
-            raise AirflowFailException(str(exc)) from exc
-    return {k: summary.get(k) for k in ("steps", "epochs", "seconds", "seconds_per_step", "final_losses",
-                                        "exported_step", "best_validation")} | {
-        "started_from": summary["started_from"].get("description")}
+            _fail_without_retry(exc)
+    log.info("trained %s steps from %s; exported step %s", summary["steps"],
+             summary["started_from"].get("description"), summary["exported_step"])
+    return out
 
 
-def evaluate(context: dict[str, Any]) -> dict[str, Any]:
+def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str | None = None) -> str:
+    from tasks import storage
     from tasks.predict import evaluate_model
+    from tasks.train import EXPORT_SUBDIR
 
-    with local_run(context, inputs=("tfrecords", "train/exported", "train/train_summary.json"),
-                   outputs=("evaluate",)) as run:
-        data = _require(run / "tfrecords" / "val.coco.json", "the val ground truth", "build_tfrecords").parent
-        _require(run / "train" / "train_summary.json", "a trained model", "train")
-        metrics = evaluate_model(run / "train", data, run / "evaluate")["metrics"]
-    keys = ("DetectionBoxes_Precision/mAP", "DetectionBoxes_Precision/mAP@.50IOU", "DetectionBoxes_Precision/mAP@.75IOU")
-    return {k: metrics[k] for k in keys if k in metrics}
-
-
-# what the report reads; images of the val split are fetched one by one in remote runs
-REPORT_INPUTS = ("download/download_manifest.json", "validate", "tfrecords/manifest.json", "tfrecords/val.coco.json",
-                 "train/train", "train/train_summary.json", "train/validation.json", "evaluate")
+    out = run_location(context, "evaluate")
+    model = _input(model, context, "train", "train")
+    tfrecords = _input(tfrecords, context, "tfrecords", "build_tfrecords")
+    with staging() as st:
+        exported = st.input(storage.join_uri(model, EXPORT_SUBDIR))
+        metrics = evaluate_model(exported, st.input(tfrecords), st.output(out))["metrics"]
+    log.info("evaluation: mAP@.50IOU %.4f -> %s", metrics["DetectionBoxes_Precision/mAP@.50IOU"], out)
+    return out
 
 
-def publish_report(context: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    from tasks.artifacts import write_json_atomic
+def publish_report(context: dict[str, Any], parts: dict[str, str | None] | None = None, model: Any = None) -> dict:
+    """Build the report from the run's stage locations, publish it, and record the model Asset's event."""
     from tasks.publish import gate_verdict, previous_run, publish
     from tasks.report import build_report
 
     cfg, st = run_config(context), settings()
     dest = cfg.publish_dest or st.default_publish_dest()
-    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url) if dest.startswith("s3://") else None
-    with local_run(context, inputs=REPORT_INPUTS, outputs=("report", "config.json")) as run:
-        metrics_path = _require(run / "evaluate" / "metrics.json", "the metrics", "evaluate")
-        _fetch_val_images(context, run)
+    stages = {"download": "download_dataset", "validate": "validate_annotations", "tfrecords": "build_tfrecords",
+              "train": "train", "evaluate": "evaluate"}
+    parts = {s: _input((parts or {}).get(s), context, s, t) for s, t in stages.items()}
+    key = run_location(context).rstrip("/").rsplit("/", 1)[-1]
+    with staging() as staged:
+        run = _report_inputs(staged, parts, Path(staged.root) / key)
+        metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
         gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
-        prev = previous_run(dest, client=client, exclude=run.name)
-        verdict = gate_verdict(json.loads(metrics_path.read_text()), prev, gate)
-        write_json_atomic(run / "config.json", {
-            "run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
-            "backend": st.backend, "publish_dest": dest})
-        report = build_report(run, run / "report", previous=prev, gate=verdict)
-        published = publish(run / "report", dest, run_id=run.name, client=client, gate=gate,
-                            model=_model_entry(cfg, run, st))
+        prev = previous_run(dest, exclude=key, **where())
+        verdict = gate_verdict(metrics, prev, gate)
+        config = {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
+                  "backend": st.backend, "publish_dest": dest}
+        (run / "config.json").write_text(json.dumps(config, indent=2))
+        staged_config = staged.output(run_location(context, "config.json"), file=True)
+        if staged_config != run / "config.json":
+            staged_config.write_text(json.dumps(config, indent=2))
+        report = build_report(run, staged.output(run_location(context, "report")), previous=prev, gate=verdict)
+        published = publish(Path(report["out"]), dest, run_id=key, gate=gate, model=_model_entry(cfg, run, parts),
+                            **where())
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
     log.info("report: %s (%s)", report_url, verdict["reason"])
-    if published.get("promoted") != verdict["promoted"]:
-        log.warning("promotion changed while publishing (a concurrent run was promoted): promoted=%s",
-                    published.get("promoted"))
-    return {"report_url": report_url, "promoted": published.get("promoted"), "report": report.get("html"),
-            "gate": verdict["reason"]}
+    if model is not None:
+        context["outlet_events"][model].extra = {"run_id": key, "promoted": published.get("promoted"),
+                                                 "report_url": report_url, **published["entry"]["metrics"]}
+    return {"report_url": report_url, "promoted": published.get("promoted"), "gate": verdict["reason"]}
 
 
-def _model_entry(cfg: RunConfig, run: Path, st: Settings) -> dict[str, Any] | None:
-    """What a later run warm-starts from: the model config and the exported checkpoint's URI."""
-    import json
-
+def _report_inputs(st: Any, parts: dict[str, str], run: Path) -> Path:
+    """A local run folder of what the report reads: local stages as they are, remote ones fetched."""
     from tasks import storage
 
-    summary_path = run / "train" / "train_summary.json"
-    if not summary_path.is_file():
-        return None
-    rel = json.loads(summary_path.read_text()).get("exported_checkpoint")
+    if not any(storage.is_remote(u) for u in parts.values()):
+        return Path(parts["evaluate"]).parent
+    files = {"download": ["download_manifest.json"], "tfrecords": ["manifest.json", "val.coco.json"],
+             "train": ["train_summary.json", "validation.json"]}
+    for stage, uri in parts.items():
+        if stage in ("validate", "evaluate"):
+            storage.download_dir(uri, run / stage, **st.where)
+        for name in files.get(stage, []):
+            data = storage.read_bytes(storage.join_uri(uri, name), **st.where)
+            if data is not None:
+                (run / stage).mkdir(parents=True, exist_ok=True)
+                (run / stage / name).write_bytes(data)
+    storage.download_dir(storage.join_uri(parts["train"], "train"), run / "train" / "train", **st.where)
+    gt = run / "tfrecords" / "val.coco.json"
+    images = run / "download" / "trainval" / "images"
+    if gt.is_file():  # the val images the report draws detections on
+        images.mkdir(parents=True, exist_ok=True)
+        for im in json.loads(gt.read_text())["images"]:
+            data = storage.read_bytes(storage.join_uri(parts["download"], "trainval", "images", im["file_name"]),
+                                      **st.where)
+            if data is not None:
+                (images / im["file_name"]).write_bytes(data)
+    return run
+
+
+def _model_entry(cfg: RunConfig, run: Path, parts: dict[str, str]) -> dict[str, Any] | None:
+    """What a later run warm-starts from: the model config and the exported checkpoint's location."""
+    from tasks import storage
+
+    summary = run / "train" / "train_summary.json"
+    rel = json.loads(summary.read_text()).get("exported_checkpoint") if summary.is_file() else None
     if not rel:
         return None
-    root = st.artifact_root if storage.is_remote(st.artifact_root) else str(Path(st.artifact_root).absolute())
-    return {"name": cfg.model, "backbone": cfg.backbone, "checkpoint": storage.join_uri(root, run.name, "train", rel)}
-
-
-def _fetch_val_images(context: dict[str, Any], run: Path) -> None:
-    """In a staged (remote) run, bring the val images the report draws detections on."""
-    import json
-
-    from tasks import storage
-
-    st = settings()
-    images = run / "download" / "trainval" / "images"
-    gt = run / "tfrecords" / "val.coco.json"
-    if not storage.is_remote(st.artifact_root) or images.is_dir() or not gt.is_file():
-        return
-    client = connection_s3_client(st.aws_conn_id, st.s3_endpoint_url)
-    remote = storage.join_uri(st.artifact_root, run.name, "download", "trainval", "images")
-    pairs = [im["file_name"] for im in json.loads(gt.read_text())["images"]]
-    images.mkdir(parents=True)
-    for name in pairs:
-        data = storage.read_bytes(storage.join_uri(remote, name), client=client)
-        if data is not None:
-            (images / name).write_bytes(data)
+    return {"name": cfg.model, "backbone": cfg.backbone, "checkpoint": storage.join_uri(parts["train"], rel)}
 
 
 # -- kubernetes backend ------------------------------------------------------------------------
 def run_dir_macro(dag_run: Any) -> str:
     """``{{ personcar_run_dir(dag_run) }}`` in templated pod arguments."""
-    root = settings().artifact_root.rstrip("/")
-    return f"{root}/{run_key(dag_run.run_id, getattr(dag_run, 'logical_date', None))}"
+    return run_location({"dag_run": dag_run})
 
 
 def run_config_macro(params: Any) -> str:
@@ -289,9 +262,11 @@ MACROS = {"personcar_run_dir": run_dir_macro, "personcar_run_config": run_config
           "personcar_publish_dest": publish_dest_macro}
 _RUN = "{{ personcar_run_dir(dag_run) }}"
 _CFG = "{{ personcar_run_config(params) }}"
+_FROM = "{{{{ ti.xcom_pull(task_ids='{}') }}}}"  # an upstream task's location
 POD_ARGUMENTS = {
-    "build_tfrecords": ["tfrecords", "--annotations", f"{_RUN}/validate/annotations.clean.json",
-                        "--images", f"{_RUN}/download/trainval/images", "--out", f"{_RUN}/tfrecords", "--run-config", _CFG],
+    "build_tfrecords": ["tfrecords", "--annotations", f"{_FROM.format('validate_annotations')}/annotations.clean.json",
+                        "--images", f"{_FROM.format('download_dataset')}/trainval/images", "--out", f"{_RUN}/tfrecords",
+                        "--run-config", _CFG],
     "train": ["train", "--data", f"{_RUN}/tfrecords", "--model-dir", f"{_RUN}/train", "--run-config", _CFG,
               "--publish-dest", "{{ personcar_publish_dest(params) }}"],
     "evaluate": ["evaluate", "--model-dir", f"{_RUN}/train", "--data", f"{_RUN}/tfrecords", "--out", f"{_RUN}/evaluate"],
@@ -299,7 +274,8 @@ POD_ARGUMENTS = {
 
 
 def kubernetes_stage(task_id: str) -> Any:
-    """The stage as a KubernetesPodOperator running ``personcar ...`` in the trainer image."""
+    """The stage as a KubernetesPodOperator running ``personcar ...`` in the trainer image; it writes
+    ``<run>/<stage>``, where the tasks after it look (pods return no location)."""
     from datetime import timedelta
 
     from tasks.k8s import TrainerPodSettings, make_trainer_task

@@ -94,11 +94,13 @@ def download_dataset(
     aws_session_token: str | None = None, region_name: str | None = None, anonymous: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None, max_total_bytes: int = 20 * 2**30, max_members: int = 200_000,
     max_ratio: float = 100.0, min_free_bytes: int = 256 * 2**20, progress_every: float = 5.0,
+    session: Any = None,
 ) -> dict[str, Any]:
     """Fetch, verify and safely extract the archive ``source`` into ``dest``, replaced in one rename on success.
 
     Returns the manifest it writes to ``dest/download_manifest.json``. ``anonymous``: True forces
     unsigned S3 requests, False requires credentials, None signs when credentials are given or found.
+    ``session``: a boto3 session to sign S3 requests with (the Airflow connection's, from its hook).
     Extraction stops at ``max_members`` members, ``max_total_bytes`` bytes, ``max_ratio`` times the
     archive's size, or before less than ``min_free_bytes`` would stay free on the disk.
     """
@@ -122,7 +124,8 @@ def download_dataset(
         cache.mkdir(parents=True, exist_ok=True)
         with _locked(Path(f"{entry}.lock"), src.display):
             remote = None if src.kind == "local" else _Http(src) if src.kind == "http" else _S3(
-                src, endpoint_url, aws_access_key_id, aws_secret_access_key, aws_session_token, region_name, anonymous)
+                src, endpoint_url, aws_access_key_id, aws_secret_access_key, aws_session_token, region_name, anonymous,
+                session)
             found = _hash_local(src, entry, expected, progress_every) if remote is None else \
                 _cached(remote, src, entry, expected) or _download(remote, src, entry, expected, progress_every)
             manifest = _extract_into(*found, dest, src, (max_total_bytes, max_ratio, min_free_bytes), max_members,
@@ -384,7 +387,7 @@ class _Http:
 
 class _S3:
     def __init__(self, src: _Source, endpoint_url: str | None, key_id: str | None, secret: str | None,
-                 token: str | None, region: str | None, anonymous: bool | None):
+                 token: str | None, region: str | None, anonymous: bool | None, session: Any = None):
         import boto3
         import urllib3
         from botocore import UNSIGNED
@@ -397,7 +400,7 @@ class _S3:
             raise PersoncarError("give both aws_access_key_id and aws_secret_access_key or neither, and neither "
                                  "with anonymous access")
         try:
-            session = boto3.session.Session(key_id or None, secret or None, token or None, region or None)
+            session = session or boto3.session.Session(key_id or None, secret or None, token or None, region or None)
             creds = None if anonymous else session.get_credentials()
             if anonymous is False and creds is None:
                 raise PersoncarError(f"no AWS credentials found for {src.display} and anonymous access is disabled; "

@@ -85,7 +85,7 @@ def publish(
     *,
     run_id: str,
     endpoint_url: str | None = None,
-    client: Any = None,
+    conn_id: str | None = None,
     gate: dict | None = None,
     extra_files: dict[str, Path] | None = None,
     model: dict | None = None,
@@ -101,8 +101,8 @@ def publish(
     "checkpoint"}``) is recorded in the index entry: a later run with ``warm_start: promoted``
     continues from the last promoted entry's checkpoint.
 
-    ``client`` is an S3 client to use (the Airflow task passes its S3 hook's); otherwise one is made
-    with plain boto3 for ``endpoint_url``.
+    S3 is reached through the Airflow AWS connection ``conn_id`` (the task's) or, without one,
+    botocore's chain and ``endpoint_url`` (tasks.storage).
 
     Returns ``{"run_id", "uri", "report_url", "promoted", "previous_promoted_run", "files", "gate",
     "latest", "entry"}``: ``uri`` is the run folder, ``report_url`` the published ``report.html``
@@ -129,15 +129,14 @@ def publish(
     report_rel = "report.html" if "report.html" in names else next(
         (n for n in names if n.endswith(".html")), None)
 
-    if storage.is_remote(dest):
-        client = client if client is not None else storage.s3_client(endpoint_url)
+    where = {"endpoint_url": endpoint_url, "conn_id": conn_id}
     run_uri = storage.join_uri(dest, run)
-    republished = _check_owned_folders(dest, run, client)
+    republished = _check_owned_folders(dest, run, where)
 
     # 1. The run folder, mirrored (re-publishing leaves exactly one copy).
     log.info("publishing %d files from %s to %s/", len(files), src, run_uri)
     if storage.is_remote(dest):
-        storage.upload_files(files, run_uri, client=client, delete=True)
+        storage.upload_files(files, run_uri, delete=True, **where)
     else:
         with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished,
                         flag="--dest") as tmp:
@@ -171,7 +170,7 @@ def publish(
             return new
         return [*entries, entry]
 
-    update_index(dest, change, client=client)
+    update_index(dest, change, **where)
     entry, previous = decided["entry"], decided["previous"]
     log.info("run %s indexed in %s: %s %s (baseline %s from %s, margin %s) -> %s", run,
              storage.join_uri(dest, INDEX_NAME), gate["metric"], _fmt(gate_value),
@@ -181,7 +180,7 @@ def publish(
     # 3. latest/, pointer last.
     latest_uri = None
     if entry["promoted"]:
-        latest_uri = _update_latest(dest, run, entry, files, client=client)
+        latest_uri = _update_latest(dest, run, entry, files, where)
 
     return {
         "run_id": run,
@@ -196,37 +195,30 @@ def publish(
     }
 
 
-def load_index(dest: str, *, endpoint_url: str | None = None, client: Any = None) -> list[dict]:
+def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None) -> list[dict]:
     """The entries of ``<dest>/runs.json`` (oldest first); ``[]`` when nothing is published yet."""
-    dest = normalize_dest(dest)
-    uri = storage.join_uri(dest, INDEX_NAME)
-    if storage.is_remote(dest):
-        client = client if client is not None else storage.s3_client(endpoint_url)
-    raw = storage.read_bytes(uri, client=client)
-    return _parse_index(raw, uri)
+    uri = storage.join_uri(normalize_dest(dest), INDEX_NAME)
+    return _parse_index(storage.read_bytes(uri, endpoint_url=endpoint_url, conn_id=conn_id), uri)
 
 
-def previous_run(dest: str, *, endpoint_url: str | None = None, client: Any = None,
+def previous_run(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None,
                  exclude: str | None = None) -> dict | None:
     """The last promoted run's index entry (with its ``metrics``), or ``None``.
 
     The report uses it for its "previous published run" column; ``exclude`` skips a run id (the run
     being reported, if it was published before).
     """
-    entries = load_index(dest, endpoint_url=endpoint_url, client=client)
+    entries = load_index(dest, endpoint_url=endpoint_url, conn_id=conn_id)
     if exclude is not None:
         skip = safe_run_id(exclude)
         entries = [e for e in entries if e.get("run_id") != skip]
     return last_promoted(entries)
 
 
-def load_pointer(dest: str, *, endpoint_url: str | None = None, client: Any = None) -> dict | None:
+def load_pointer(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None) -> dict | None:
     """``<dest>/latest/pointer.json``: which run ``latest/`` holds, or ``None``."""
-    dest = normalize_dest(dest)
-    uri = storage.join_uri(dest, LATEST_DIR, POINTER_NAME)
-    if storage.is_remote(dest):
-        client = client if client is not None else storage.s3_client(endpoint_url)
-    raw = storage.read_bytes(uri, client=client)
+    uri = storage.join_uri(normalize_dest(dest), LATEST_DIR, POINTER_NAME)
+    raw = storage.read_bytes(uri, endpoint_url=endpoint_url, conn_id=conn_id)
     if raw is None:
         return None
     try:
@@ -280,7 +272,7 @@ def normalize_dest(dest: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, client: Any = None,
+def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, conn_id: str | None = None,
                  endpoint_url: str | None = None) -> list[dict]:
     """Apply ``change`` to the entries of ``<dest>/runs.json`` without losing concurrent updates.
 
@@ -289,8 +281,7 @@ def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, clien
     """
     dest = normalize_dest(dest)
     if storage.is_remote(dest):
-        client = client if client is not None else storage.s3_client(endpoint_url)
-        return _update_index_s3(dest, change, client)
+        return _update_index_s3(dest, change, storage.s3_client(endpoint_url, conn_id=conn_id))
     return _update_index_local(storage.local_path(dest), change)
 
 
@@ -322,10 +313,9 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
     bucket, prefix = storage.split_s3(dest)
     key = f"{prefix}/{INDEX_NAME}" if prefix else INDEX_NAME
     uri = f"s3://{bucket}/{key}"
-    endpoint = storage._endpoint_of(client)
     conditional = True
     for attempt in range(MAX_INDEX_ATTEMPTS):
-        with storage.translate_errors(bucket=bucket, key=key, action="read", endpoint_url=endpoint):
+        with storage.storage_errors(uri, "read"):
             try:
                 obj = client.get_object(Bucket=bucket, Key=key)
                 etag, raw = obj["ETag"], obj["Body"].read()
@@ -337,7 +327,7 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
         body = _dump_index(entries)
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            with storage.translate_errors(bucket=bucket, key=key, action="write", endpoint_url=endpoint):
+            with storage.storage_errors(uri, "write"):
                 try:
                     if conditional:
                         client.put_object(Bucket=bucket, Key=key, Body=body,
@@ -350,7 +340,8 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
                     else:
                         raise _Conflict
                 except ClientError as exc:
-                    code, status = storage.error_code(exc), storage.http_status(exc)
+                    code = storage.error_code(exc)
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                     if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                         raise _Conflict from exc
                     if conditional and (code == "NotImplemented" or status == 501):
@@ -418,10 +409,10 @@ def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]]) 
 # --------------------------------------------------------------------------------------------------
 
 
-def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path]], *, client: Any) -> str:
+def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path]], where: dict[str, Any]) -> str:
     latest_uri = storage.join_uri(dest, LATEST_DIR)
     # A later run promoted meanwhile owns latest/: leave it alone.
-    if _superseded(dest, run, client):
+    if _superseded(dest, run, where):
         log.info("run %s was promoted but a later run already holds %s/; leaving it", run, latest_uri)
         return latest_uri + "/"
     payload = [(rel, path) for rel, path in files if rel != POINTER_NAME]
@@ -435,36 +426,25 @@ def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path
         "run_uri": storage.join_uri(dest, run) + "/",
         "files": {rel: sha256_file(path) for rel, path in payload},
     }
-    pointer_bytes = (json.dumps(pointer, indent=2) + "\n").encode("utf-8")
-    if storage.is_remote(dest):
-        storage.upload_files(payload, latest_uri, client=client, delete=False)
-        if _superseded(dest, run, client):
+    keep = {rel for rel, _ in payload} | {POINTER_NAME}
+    # Locally one writer at a time: the stale-file sweep must not catch another writer's temp files.
+    lock = contextlib.nullcontext() if storage.is_remote(dest) else _file_lock(
+        storage.local_path(latest_uri).parent / LATEST_LOCK_NAME)
+    with lock:
+        if _superseded(dest, run, where):
             return latest_uri + "/"
-        bucket, prefix = storage.split_s3(latest_uri)
-        key = f"{prefix}/{POINTER_NAME}"
-        with storage.translate_errors(bucket=bucket, key=key, action="write",
-                                      endpoint_url=storage._endpoint_of(client)):
-            client.put_object(Bucket=bucket, Key=key, Body=pointer_bytes, ContentType="application/json")
-        keep = {f"{prefix}/{rel}" for rel, _ in payload} | {key}
-        stale = sorted(set(storage.list_objects(client, bucket, prefix)) - keep)
-        storage.delete_keys(client, bucket, stale)
-    else:
-        root = storage.local_path(latest_uri)
-        # one writer at a time: the stale-file sweep must not catch another writer's temp files
-        with _file_lock(root.parent / LATEST_LOCK_NAME):
-            if _superseded(dest, run, client):
-                return latest_uri + "/"
-            storage.upload_files(payload, latest_uri, delete=False, skip_unchanged=False)
-            write_json_atomic(root / POINTER_NAME, pointer)
-            keep = {rel for rel, _ in payload} | {POINTER_NAME}
-            for rel, path in storage.list_files(root):
-                if rel not in keep:
-                    path.unlink()
+        storage.upload_files(payload, latest_uri, skip_unchanged=storage.is_remote(dest), **where)
+        if _superseded(dest, run, where):
+            return latest_uri + "/"
+        storage.write_bytes(storage.join_uri(latest_uri, POINTER_NAME),
+                            (json.dumps(pointer, indent=2) + "\n").encode("utf-8"),
+                            content_type="application/json", **where)
+        storage.remove(latest_uri, sorted(set(storage.list_names(latest_uri, **where)) - keep), **where)
     log.info("%s/ now holds run %s (pointer.json written last)", latest_uri, run)
     return latest_uri + "/"
 
 
-def _check_owned_folders(dest: str, run: str, client: Any) -> bool:
+def _check_owned_folders(dest: str, run: str, where: dict[str, Any]) -> bool:
     """Refuse foreign files where publish mirrors: ``DEST/<run id>/`` and ``DEST/latest/``.
 
     The run folder is publish's own when the index lists the run (else it must be empty or
@@ -473,8 +453,8 @@ def _check_owned_folders(dest: str, run: str, client: Any) -> bool:
     folders are listed first and the index read after). Returns whether the run was published before.
     """
     run_uri, latest_uri = storage.join_uri(dest, run), storage.join_uri(dest, LATEST_DIR)
-    names = {uri: _folder_names(uri, client) for uri in (run_uri, latest_uri)}
-    index = load_index(dest, client=client)
+    names = {uri: storage.list_names(uri, **where) for uri in (run_uri, latest_uri)}
+    index = load_index(dest, **where)
     published = any(e.get("run_id") == run for e in index)
     claimed = POINTER_NAME in names[latest_uri] or any(e.get("promoted") for e in index)
     for uri, owned in ((run_uri, published), (latest_uri, claimed)):
@@ -486,18 +466,9 @@ def _check_owned_folders(dest: str, run: str, client: Any) -> bool:
     return published
 
 
-def _folder_names(uri: str, client: Any) -> list[str]:
-    """The files under a destination folder (relative names, sorted); [] when there is none."""
-    if storage.is_remote(uri):
-        bucket, prefix = storage.split_s3(uri)
-        return sorted(k[len(prefix) + 1:] for k in storage.list_objects(client, bucket, prefix))
-    path = storage.local_path(uri)
-    return [rel for rel, _ in storage.list_files(path)] if path.is_dir() and not path.is_symlink() else []
-
-
-def _superseded(dest: str, run: str, client: Any) -> bool:
+def _superseded(dest: str, run: str, where: dict[str, Any]) -> bool:
     """Whether the index's last promoted run is no longer ``run`` (a later promotion won)."""
-    current = last_promoted(load_index(dest, client=client))
+    current = last_promoted(load_index(dest, **where))
     return current is not None and current.get("run_id") != run
 
 
@@ -523,7 +494,7 @@ def _check_gate(gate: dict | None) -> dict[str, Any]:
 def _collect_files(src: Path, extra: dict[str, Path]) -> list[tuple[str, Path]]:
     files = dict(storage.list_files(src))
     for name, path in extra.items():
-        rel = storage._safe_rel(str(name), "extra_files")
+        rel = storage.safe_rel(str(name), "extra_files")
         path = Path(path)
         if path.is_dir():
             add = {f"{rel}/{sub}": p for sub, p in storage.list_files(path)}

@@ -145,15 +145,16 @@ def _oom(exc: BaseException, r: dict[str, Any]) -> OutOfMemoryError:
 def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every: int = 10,
           checkpoint_every: int | None = None, keep_checkpoints: int = 3, export: bool = True,
           gpus: int | None = None, on_checkpoint: Callable[[Path], None] | None = None,
-          start: dict[str, Any] | None = None, s3_client: Any = None) -> dict[str, Any]:
+          start: dict[str, Any] | None = None, where: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train until the run's steps (resuming from the latest checkpoint), validate, export the best.
 
     Writes to MODEL_DIR: ``ckpt-N`` checkpoints (last ``keep_checkpoints``), ``best/ckpt-N`` (best
     validation mAP@.50IOU), TensorBoard events under ``train/`` and ``validation/``,
     ``validation.json``, ``experiment.yaml``, ``train_summary.json`` and ``exported/``
     (SavedModel). ``start`` is where a fresh run starts (:func:`resolve_start`; default: from the
-    run config without a promoted model). ``on_checkpoint`` is called after every save (the trainer
-    pod uploads the model dir there).
+    run config without a promoted model); ``where``: how a remote start checkpoint is reached
+    (:mod:`tasks.storage`). ``on_checkpoint`` is called after every save (the trainer pod uploads the
+    model dir there).
     """
     if log_every < 1:
         raise PersoncarError(f"log_every must be >= 1, got {log_every}")
@@ -178,14 +179,15 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
         return _train(tf, exp, r, data, model_dir, run, gpus=gpus, log_every=log_every,
                       checkpoint_every=checkpoint_every or max(1, min(1000, r["steps"] // 5)),
                       keep=keep_checkpoints, export=export, on_checkpoint=on_checkpoint,
-                      start=start if start is not None else resolve_start(run), s3_client=s3_client)
+                      start=start if start is not None else resolve_start(run), where=where)
     except tf.errors.ResourceExhaustedError as exc:
         raise _oom(exc, r) from exc
 
 
 def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, run: RunConfig, *, gpus: int,
            log_every: int, checkpoint_every: int, keep: int, export: bool,
-           on_checkpoint: Callable[[Path], None] | None, start: dict[str, Any], s3_client: Any) -> dict[str, Any]:
+           on_checkpoint: Callable[[Path], None] | None, start: dict[str, Any],
+           where: dict[str, Any] | None) -> dict[str, Any]:
     from official.core import task_factory
 
     from tasks.validation import Validator
@@ -200,7 +202,7 @@ def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, ru
         ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **_module_items(model))
         manager = tf.train.CheckpointManager(ckpt, str(model_dir), max_to_keep=keep,
                                              step_counter=optimizer.iterations, checkpoint_interval=checkpoint_every)
-        started = _start(ckpt, manager, model, exp, start, total, s3_client)
+        started = _start(ckpt, manager, model, exp, start, total, where)
     start_step = int(optimizer.iterations.numpy())
     done = _finished_summary(model_dir, total, manager.latest_checkpoint, export)
     if start_step >= total and done is not None:
@@ -263,7 +265,7 @@ def _backbone_depth(exp: Any) -> int:
 
 
 def _start(ckpt: Any, manager: Any, model: Any, exp: Any, start: dict[str, Any], total: int,
-           s3_client: Any) -> dict[str, Any]:
+           where: dict[str, Any] | None) -> dict[str, Any]:
     """Resume from MODEL_DIR's latest checkpoint, else load ``start``; what the run started from."""
     from tasks import checkpoints
 
@@ -278,7 +280,7 @@ def _start(ckpt: Any, manager: Any, model: Any, exp: Any, start: dict[str, Any],
         log.info("train: starting from %s", start.get("description", "scratch"))
         out = {"kind": "scratch", "description": start.get("description", "scratch")}
     else:
-        loaded = checkpoints.initialize(model, exp.task.model, start["uri"], start.get("modules"), client=s3_client)
+        loaded = checkpoints.initialize(model, exp.task.model, start["uri"], start.get("modules"), where=where)
         out = {**{k: v for k, v in start.items() if k != "reason"}, **loaded}
     write_json_atomic(Path(manager.directory) / "started_from.json", out)  # survives a kill before the summary
     return out

@@ -463,9 +463,8 @@ def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, 
     _, views = plugin_modules
     endpoint, bucket = s3_bucket
     dest = f"s3://{bucket}/personcar/published"
-    client = storage.s3_client(endpoint)
     run_id = "scheduled__2026-11-23T03:00:00+00:00"
-    published = pub.publish(_report(tmp_path / "r", run_id, 0.41), dest, run_id=run_id, client=client)
+    published = pub.publish(_report(tmp_path / "r", run_id, 0.41), dest, run_id=run_id, endpoint_url=endpoint)
 
     key, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -488,7 +487,7 @@ def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, 
     entries = group["runs"]
     assert [e["run_id"] for e in entries] == [published["run_id"]] and entries[0]["metrics"]["mAP@.50IOU"] == 0.41
     assert group["latest"]["run_id"] == published["run_id"]
-    signed = storage.presigned_url(f"{dest}/{entries[0]['report']}", client=views.s3_client())
+    signed = storage.presigned_url(f"{dest}/{entries[0]['report']}", **views.storage_where())
     assert signed.startswith(f"{endpoint}/{bucket}/") and "Signature" in signed
     with urllib.request.urlopen(signed, timeout=10) as resp:
         assert b"report scheduled__2026-11-23" in resp.read()

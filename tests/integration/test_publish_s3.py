@@ -38,7 +38,8 @@ def make_report(root: Path, map50: float, *, extra: dict[str, str] | None = None
 
 
 def keys_under(client, bucket: str, prefix: str) -> list[str]:
-    return sorted(k[len(prefix) + 1:] for k in storage.list_objects(client, bucket, prefix))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    return sorted(o["Key"][len(prefix) + 1:] for page in pages for o in page.get("Contents", []))
 
 
 def get_json(client, bucket: str, key: str):
@@ -84,18 +85,18 @@ def test_publish_uploads_run_folder_with_content_types_and_index(s3, tmp_path):
     assert entry["report"] == f"{run}/report.html"
     assert entry["metrics"] == {"mAP": 0.155, "mAP@.50IOU": 0.31, "mAP@.75IOU": 0.093}
     assert entry["published_at"].endswith("+00:00")
-    assert pub.load_index(f"s3://{bucket}/published", client=client) == index
+    assert pub.load_index(f"s3://{bucket}/published", endpoint_url=endpoint) == index
 
 
 def test_publishing_the_same_run_twice_leaves_one_copy_and_one_entry(s3, tmp_path):
-    client, bucket, _ = s3
+    client, bucket, endpoint = s3
     dest = f"s3://{bucket}/p"
-    pub.publish(make_report(tmp_path / "a", 0.2), dest, run_id="other", client=client)
+    pub.publish(make_report(tmp_path / "a", 0.2), dest, run_id="other", endpoint_url=endpoint)
     src = make_report(tmp_path / "r", 0.3, extra={"old-plot.png": "x"})
-    first = pub.publish(src, dest, run_id="r1", client=client)
+    first = pub.publish(src, dest, run_id="r1", endpoint_url=endpoint)
     (src / "old-plot.png").unlink()
     (src / "report.md").write_text("# r1 again\n", encoding="utf-8")
-    second = pub.publish(src, dest, run_id="r1", client=client)
+    second = pub.publish(src, dest, run_id="r1", endpoint_url=endpoint)
 
     assert keys_under(client, bucket, "p/r1") == ["metrics.json", "pr_curve.png", "report.html", "report.md"]
     assert client.get_object(Bucket=bucket, Key="p/r1/report.md")["Body"].read() == b"# r1 again\n"
@@ -106,7 +107,7 @@ def test_publishing_the_same_run_twice_leaves_one_copy_and_one_entry(s3, tmp_pat
 
 
 def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
-    client, bucket, _ = s3
+    client, bucket, endpoint = s3
     dest = f"s3://{bucket}/concurrent"
     n = 8
     values = [0.10, 0.35, 0.20, 0.40, 0.05, 0.38, 0.50, 0.45]
@@ -118,7 +119,7 @@ def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
     def work(i: int) -> None:
         try:
             barrier.wait()
-            results[i] = pub.publish(srcs[i], dest, run_id=f"run{i}", client=client)
+            results[i] = pub.publish(srcs[i], dest, run_id=f"run{i}", endpoint_url=endpoint)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -148,27 +149,27 @@ def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
 
 
 def test_quality_gate_promotion_and_latest_pointer(s3, tmp_path):
-    client, bucket, _ = s3
+    client, bucket, endpoint = s3
     dest = f"s3://{bucket}/gate"
     gate = {"metric": MAP50, "margin": 0.01}
 
     r1 = pub.publish(make_report(tmp_path / "r1", 0.30, extra={"only-in-r1.txt": "x"}), dest,
-                     run_id="r1", client=client, gate=gate)
+                     run_id="r1", endpoint_url=endpoint, gate=gate)
     assert r1["promoted"] is True and r1["latest"] == f"{dest}/latest/"
     pointer = get_json(client, bucket, "gate/latest/pointer.json")
     assert pointer["run_id"] == "r1" and pointer["report"] == "latest/report.html"
     assert pointer["run_uri"] == f"{dest}/r1/"
 
-    r2 = pub.publish(make_report(tmp_path / "r2", 0.25), dest, run_id="r2", client=client, gate=gate)
+    r2 = pub.publish(make_report(tmp_path / "r2", 0.25), dest, run_id="r2", endpoint_url=endpoint, gate=gate)
     assert r2["promoted"] is False and r2["latest"] is None
     assert r2["gate"]["baseline_run_id"] == "r1" and r2["gate"]["baseline_value"] == 0.30
     # Beats r1, but not by more than the margin.
-    r3 = pub.publish(make_report(tmp_path / "r3", 0.305), dest, run_id="r3", client=client, gate=gate)
+    r3 = pub.publish(make_report(tmp_path / "r3", 0.305), dest, run_id="r3", endpoint_url=endpoint, gate=gate)
     assert r3["promoted"] is False
     assert get_json(client, bucket, "gate/latest/pointer.json")["run_id"] == "r1"
     assert b"0.3<" in client.get_object(Bucket=bucket, Key="gate/latest/report.html")["Body"].read()
 
-    r4 = pub.publish(make_report(tmp_path / "r4", 0.42), dest, run_id="r4", client=client, gate=gate)
+    r4 = pub.publish(make_report(tmp_path / "r4", 0.42), dest, run_id="r4", endpoint_url=endpoint, gate=gate)
     assert r4["promoted"] is True and r4["previous_promoted_run"] == "r1"
     pointer = get_json(client, bucket, "gate/latest/pointer.json")
     assert pointer["run_id"] == "r4" and pointer["metrics"]["mAP@.50IOU"] == 0.42
@@ -177,40 +178,43 @@ def test_quality_gate_promotion_and_latest_pointer(s3, tmp_path):
     latest_html = client.get_object(Bucket=bucket, Key="gate/latest/report.html")["Body"].read()
     assert latest_html == (tmp_path / "r4" / "report.html").read_bytes()
 
-    prev = pub.previous_run(dest, client=client)
+    prev = pub.previous_run(dest, endpoint_url=endpoint)
     assert prev["run_id"] == "r4" and prev["metrics"]["mAP@.50IOU"] == 0.42
-    assert pub.previous_run(dest, client=client, exclude="r4")["run_id"] == "r1"
-    assert [e["promoted"] for e in pub.load_index(dest, client=client)] == [True, False, False, True]
+    assert pub.previous_run(dest, endpoint_url=endpoint, exclude="r4")["run_id"] == "r1"
+    assert [e["promoted"] for e in pub.load_index(dest, endpoint_url=endpoint)] == [True, False, False, True]
 
 
 def test_first_run_with_zero_metric_is_not_promoted(s3, tmp_path):
-    client, bucket, _ = s3
-    result = pub.publish(make_report(tmp_path / "z", 0.0), f"s3://{bucket}/z", run_id="z", client=client)
+    client, bucket, endpoint = s3
+    result = pub.publish(make_report(tmp_path / "z", 0.0), f"s3://{bucket}/z", run_id="z", endpoint_url=endpoint)
     assert result["promoted"] is False
-    assert storage.read_bytes(f"s3://{bucket}/z/latest/pointer.json", client=client) is None
-    assert pub.previous_run(f"s3://{bucket}/z", client=client) is None
+    assert storage.read_bytes(f"s3://{bucket}/z/latest/pointer.json", endpoint_url=endpoint) is None
+    assert pub.previous_run(f"s3://{bucket}/z", endpoint_url=endpoint) is None
 
 
-def test_failed_latest_update_keeps_the_previous_pointer(s3, tmp_path):
+def test_failed_latest_update_keeps_the_previous_pointer(s3, tmp_path, monkeypatch):
     client, bucket, endpoint = s3
     dest = f"s3://{bucket}/fail"
-    pub.publish(make_report(tmp_path / "good", 0.3), dest, run_id="good", client=client)
+    pub.publish(make_report(tmp_path / "good", 0.3), dest, run_id="good", endpoint_url=endpoint)
     before = {k: client.get_object(Bucket=bucket, Key=f"fail/latest/{k}")["Body"].read()
               for k in keys_under(client, bucket, "fail/latest")}
 
-    # A client whose writes under latest/ fail after the first file (a half-done copy).
-    flaky = storage.s3_client(endpoint)
+    # Writes under latest/ fail after the first file (a half-done copy).
+    fs = storage.location(dest, endpoint_url=endpoint).fs  # the (cached) filesystem publish writes with
     writes = []
+    put_file = fs.put_file
 
-    def fail_on_second_latest_write(params, **_):
-        if "/latest/" in params["Key"]:
-            writes.append(params["Key"])
+    def fail_on_second_latest_write(lpath, rpath, *args, **kwargs):
+        if "/latest/" in rpath:
+            writes.append(rpath)
             if len(writes) >= 2:
                 raise ConnectionResetError("simulated network failure")
+        return put_file(lpath, rpath, *args, **kwargs)
 
-    flaky.meta.events.register("before-parameter-build.s3.PutObject", fail_on_second_latest_write)
-    with pytest.raises(ConnectionResetError, match="simulated"):
-        pub.publish(make_report(tmp_path / "better", 0.5), dest, run_id="better", client=flaky)
+    monkeypatch.setattr(fs, "put_file", fail_on_second_latest_write)
+    with pytest.raises(storage.StorageError, match="simulated"):
+        pub.publish(make_report(tmp_path / "better", 0.5), dest, run_id="better", endpoint_url=endpoint)
+    monkeypatch.setattr(fs, "put_file", put_file)
 
     pointer = get_json(client, bucket, "fail/latest/pointer.json")
     assert pointer["run_id"] == "good"
@@ -221,14 +225,14 @@ def test_failed_latest_update_keeps_the_previous_pointer(s3, tmp_path):
         assert hashlib.sha256(body).hexdigest() == digest
 
     # Publishing again completes the promotion.
-    again = pub.publish(tmp_path / "better", dest, run_id="better", client=client)
+    again = pub.publish(tmp_path / "better", dest, run_id="better", endpoint_url=endpoint)
     assert again["promoted"] is True
     pointer = get_json(client, bucket, "fail/latest/pointer.json")
     assert pointer["run_id"] == "better"
     for rel, digest in pointer["files"].items():
         body = client.get_object(Bucket=bucket, Key=f"fail/latest/{rel}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == digest
-    assert [e["run_id"] for e in pub.load_index(dest, client=client)] == ["good", "better"]
+    assert [e["run_id"] for e in pub.load_index(dest, endpoint_url=endpoint)] == ["good", "better"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,6 +252,9 @@ def test_missing_bucket_is_a_clear_error(s3_server, s3_env, tmp_path):
 
 
 def test_refused_credentials_are_a_clear_error(strict_s3_server, tmp_path, monkeypatch):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a process keeps its credentials; this test changes them
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREFUSED000000000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

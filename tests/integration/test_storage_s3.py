@@ -22,11 +22,13 @@ from tasks.errors import PersoncarError
 
 
 class CallCounter:
-    """Counts the S3 API calls a boto3 client makes, by operation name."""
+    """Counts the S3 API calls the storage layer's S3 client makes for ``uri``, by operation name."""
 
-    def __init__(self, client):
+    def __init__(self, uri: str, endpoint: str):
+        fs = storage.location(uri, endpoint_url=endpoint).fs  # fsspec caches it: the one the layer uses
+        fs.ls(uri.removeprefix("s3://").split("/")[0])  # connects
         self.calls: dict[str, int] = {}
-        client.meta.events.register("before-call.s3.*", self._count)
+        fs.s3.meta.events.register("before-call.s3.*", self._count)
 
     def _count(self, model, **_):
         self.calls[model.name] = self.calls.get(model.name, 0) + 1
@@ -72,7 +74,7 @@ EXPECTED_TYPES = {
 def test_upload_dir_sets_content_types_and_bodies(s3_bucket, report_tree):
     endpoint, bucket = s3_bucket
     client = storage.s3_client(endpoint)
-    uris = storage.upload_dir(report_tree, f"s3://{bucket}/runs/r1", client=client)
+    uris = storage.upload_dir(report_tree, f"s3://{bucket}/runs/r1", endpoint_url=endpoint)
 
     assert uris == sorted(f"s3://{bucket}/runs/r1/{rel}" for rel in EXPECTED_TYPES)
     for rel, ctype in EXPECTED_TYPES.items():
@@ -86,17 +88,17 @@ def test_upload_skips_unchanged_files_and_mirror_deletes_stale(s3_bucket, report
     endpoint, bucket = s3_bucket
     client = storage.s3_client(endpoint)
     dest = f"s3://{bucket}/ckpt"
-    storage.upload_dir(report_tree, dest, client=client)
+    storage.upload_dir(report_tree, dest, endpoint_url=endpoint)
 
-    counter = CallCounter(client)
-    storage.upload_dir(report_tree, dest, client=client)
+    counter = CallCounter(dest, endpoint)
+    storage.upload_dir(report_tree, dest, endpoint_url=endpoint)
     assert counter["PutObject"] == 0, "unchanged files were sent again"
 
     (report_tree / "report.md").write_text("# report v2\n", encoding="utf-8")
     (report_tree / "notes.txt").unlink()
-    storage.upload_dir(report_tree, dest, client=client, delete=True)
+    storage.upload_dir(report_tree, dest, endpoint_url=endpoint, delete=True)
     assert counter["PutObject"] == 1
-    keys = sorted(storage.list_objects(client, bucket, "ckpt"))
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="ckpt/")["Contents"])
     assert keys == sorted(f"ckpt/{rel}" for rel in EXPECTED_TYPES if rel != "notes.txt")
     body = client.get_object(Bucket=bucket, Key="ckpt/report.md")["Body"].read()
     assert body == b"# report v2\n"
@@ -107,40 +109,40 @@ def test_multipart_object_etag_is_predicted(s3_bucket, tmp_path):
     client = storage.s3_client(endpoint)
     big = tmp_path / "ckpt" / "ckpt-1.data-00000-of-00001"
     big.parent.mkdir()
-    big.write_bytes(os.urandom(storage.MULTIPART_CHUNK + 12345))
-    storage.upload_dir(big.parent, f"s3://{bucket}/model", client=client)
+    big.write_bytes(os.urandom(2 * storage.MULTIPART_CHUNK + 12345))
+    storage.upload_dir(big.parent, f"s3://{bucket}/model", endpoint_url=endpoint)
 
     etag = client.head_object(Bucket=bucket, Key=f"model/{big.name}")["ETag"].strip('"')
-    assert etag.endswith("-2"), etag
+    assert etag.endswith("-3"), etag
     assert storage.s3_etag(big) == etag
-    counter = CallCounter(client)
-    storage.upload_dir(big.parent, f"s3://{bucket}/model", client=client)
+    counter = CallCounter(f"s3://{bucket}/model", endpoint)
+    storage.upload_dir(big.parent, f"s3://{bucket}/model", endpoint_url=endpoint)
     assert counter["CreateMultipartUpload"] == 0 and counter["PutObject"] == 0
 
 
 def test_download_dir_mirrors_a_prefix_and_resumes(s3_bucket, report_tree, tmp_path):
     endpoint, bucket = s3_bucket
     client = storage.s3_client(endpoint)
-    storage.upload_dir(report_tree, f"s3://{bucket}/data/tfrecords", client=client)
+    storage.upload_dir(report_tree, f"s3://{bucket}/data/tfrecords", endpoint_url=endpoint)
     # A sibling prefix that merely starts with the same characters is not part of the folder.
     client.put_object(Bucket=bucket, Key="data/tfrecords-old/x.tfrecord", Body=b"old")
     client.put_object(Bucket=bucket, Key="data/tfrecords/emptydir/", Body=b"")
 
     out = tmp_path / "local"
-    got = storage.download_dir(f"s3://{bucket}/data/tfrecords/", out, client=client)
+    got = storage.download_dir(f"s3://{bucket}/data/tfrecords/", out, endpoint_url=endpoint)
     assert got == sorted(out / rel for rel in EXPECTED_TYPES)
     for rel in EXPECTED_TYPES:
         assert (out / rel).read_bytes() == (report_tree / rel).read_bytes()
     assert not (out / "x.tfrecord").exists()
     assert not list(out.rglob(".*")), "temp files left behind"
 
-    counter = CallCounter(client)
-    storage.download_dir(f"s3://{bucket}/data/tfrecords", out, client=client)
+    counter = CallCounter(f"s3://{bucket}/data/tfrecords", endpoint)
+    storage.download_dir(f"s3://{bucket}/data/tfrecords", out, endpoint_url=endpoint)
     assert counter["GetObject"] == 0, "files already present were fetched again"
 
     (out / "report.md").write_text("corrupted", encoding="utf-8")
     (out / "stale.bin").write_bytes(b"x")
-    storage.download_dir(f"s3://{bucket}/data/tfrecords", out, client=client, delete=True)
+    storage.download_dir(f"s3://{bucket}/data/tfrecords", out, endpoint_url=endpoint, delete=True)
     assert (out / "report.md").read_bytes() == (report_tree / "report.md").read_bytes()
     assert not (out / "stale.bin").exists()
     assert counter["GetObject"] == 1
@@ -163,9 +165,8 @@ def test_file_uri_and_plain_path_round_trip(report_tree, tmp_path):
 
 def test_presigned_url_fetches_without_credentials(s3_bucket, report_tree):
     endpoint, bucket = s3_bucket
-    client = storage.s3_client(endpoint)
-    storage.upload_dir(report_tree, f"s3://{bucket}/p", client=client)
-    url = storage.presigned_url(f"s3://{bucket}/p/report.html", client=client, expires_in=60)
+    storage.upload_dir(report_tree, f"s3://{bucket}/p", endpoint_url=endpoint)
+    url = storage.presigned_url(f"s3://{bucket}/p/report.html", endpoint_url=endpoint, expires_in=60)
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.read() == (report_tree / "report.html").read_bytes()
         assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -187,15 +188,15 @@ def test_missing_bucket_is_a_clear_error(s3_server, s3_env, report_tree):
 
 
 def test_refused_credentials_are_a_clear_error(strict_s3_server, report_tree, tmp_path):
-    client = storage.s3_client(strict_s3_server, aws_access_key_id="AKIANOTAREALKEY00000",
-                               aws_secret_access_key="wrong", region_name="us-east-1")
+    wrong = {"endpoint_url": strict_s3_server, "options": {"key": "AKIANOTAREALKEY00000", "secret": "wrong",
+                                                           "client_kwargs": {"region_name": "us-east-1"}}}
     with pytest.raises(storage.StorageError) as err:
-        storage.upload_dir(report_tree, "s3://some-bucket/runs/r1", client=client)
+        storage.upload_dir(report_tree, "s3://some-bucket/runs/r1", **wrong)
     msg = str(err.value)
     assert "\n" not in msg and "s3://some-bucket/" in msg
     assert "credentials refused" in msg and "InvalidAccessKeyId" in msg
     with pytest.raises(storage.StorageError, match="credentials refused"):
-        storage.download_dir("s3://some-bucket/runs/r1", tmp_path / "d", client=client)
+        storage.download_dir("s3://some-bucket/runs/r1", tmp_path / "d", **wrong)
 
 
 def test_unreachable_endpoint_is_a_clear_error(monkeypatch, s3_env, report_tree):

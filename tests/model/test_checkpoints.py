@@ -175,7 +175,8 @@ def test_retinanet_checkpoint_from_s3_and_from_https(own_run: dict, s3_bucket: t
     for f in own_run["dir"].glob(f"ckpt-{OWN_STEPS}.*"):
         s3.upload_file(str(f), bucket, f"runs/r1/train/{f.name}")
     model, exp = tiny_model()
-    info = initialize(model, exp.task.model, f"s3://{bucket}/runs/r1/train/ckpt-{OWN_STEPS}", "all", client=s3)
+    info = initialize(model, exp.task.model, f"s3://{bucket}/runs/r1/train/ckpt-{OWN_STEPS}", "all",
+                      where={"endpoint_url": endpoint})
     assert info["variables"] == sum(len(getattr(model, m).variables) for m in ("backbone", "decoder", "head"))
 
     archive = tmp_path / "site" / "retinanet.tar.gz"

@@ -20,17 +20,23 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 t1 = time.perf_counter()
 dag = bag.dags.get("personcar_detection")
-order, task = [], dag.get_task("download_dataset") if dag else None
-while task is not None:
-    order.append(task.task_id)
-    task = next(iter(task.downstream_list), None)
+order, left = [], {t.task_id: set(t.upstream_task_ids) for t in dag.tasks} if dag else {}
+while left:  # topological order (unique: every task depends on the one before it)
+    ready = sorted(t for t, up in left.items() if not up - set(order))
+    order.append(ready[0])
+    del left[ready[0]]
 print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "dags": sorted(bag.dag_ids),
     "order": order,
     "tags": sorted(dag.tags),
-    "schedule": getattr(dag.timetable, "expression", None) or dag.timetable._expression,
+    "schedule": getattr(getattr(dag.timetable, "timetable", dag.timetable), "_expression", None),
     "timetable": type(dag.timetable).__name__,
+    "inner_timetable": type(getattr(dag.timetable, "timetable", dag.timetable)).__name__,
+    "assets": sorted(a.name for a in dag.timetable.asset_condition.objects)
+              if hasattr(dag.timetable, "asset_condition") else [],
+    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+    "outlets": {t.task_id: sorted(a.name for a in t.outlets) for t in dag.tasks},
     "catchup": dag.catchup,
     "max_active_runs": dag.max_active_runs,
     "retries": {t.task_id: t.retries for t in dag.tasks},
@@ -66,7 +72,19 @@ def test_six_tasks_in_order(dag_info: dict) -> None:
 
 def test_schedule_tags_and_concurrency(dag_info: dict) -> None:
     assert dag_info["tags"] and "personcar" in dag_info["tags"]
-    assert dag_info["schedule"] == "0 3 * * 1" and "Cron" in dag_info["timetable"]
+    assert dag_info["schedule"] == "0 3 * * 1" and "Cron" in dag_info["inner_timetable"]
+    # data-aware retraining: the weekly cron, or an update of the source archive
+    assert dag_info["timetable"] == "AssetOrTimeSchedule" and dag_info["assets"] == ["openimages_personcar_archive"]
+
+
+def test_locations_flow_from_task_to_task_and_assets_show_lineage(dag_info: dict) -> None:
+    up = dag_info["upstream"]
+    assert up["build_tfrecords"] == ["download_dataset", "validate_annotations"]  # both of its inputs
+    assert up["evaluate"] == ["build_tfrecords", "train"]
+    assert set(up["publish_report"]) == {"download_dataset", "validate_annotations", "build_tfrecords", "train",
+                                         "evaluate"}
+    assert dag_info["outlets"]["download_dataset"] == ["personcar_dataset"]
+    assert dag_info["outlets"]["publish_report"] == ["personcar_model"]
     assert dag_info["catchup"] is False and dag_info["max_active_runs"] == 1
 
 
