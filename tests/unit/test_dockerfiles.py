@@ -67,14 +67,29 @@ def read_dockerfile(path: Path) -> list[Instruction]:
     return out
 
 
+def declared_args(instructions: list[Instruction], stage: int) -> dict[str, str | None]:
+    """Build arguments an ARG declares in one stage (-1: before the first FROM, the only ones a
+    FROM line can use): name -> default ("" for ``ARG X=""``), None when it has no default."""
+    args: dict[str, str | None] = {}
+    for ins in instructions:
+        if ins.keyword == "ARG" and ins.stage == stage:
+            name, eq, default = ins.args.partition("=")
+            args[name.strip()] = (shlex.split(default) or [""])[0] if eq else None
+    return args
+
+
 def from_images(instructions: list[Instruction]) -> list[tuple[str, str | None]]:
-    """(image, stage alias) of every FROM."""
+    """(image, stage alias) of every FROM, build arguments replaced by their declared defaults
+    (what a build without --build-arg uses); an argument without a default stays as ``$NAME``."""
+    defaults = {k: v for k, v in declared_args(instructions, -1).items() if v}
     result = []
     for ins in instructions:
         if ins.keyword == "FROM":
             words = [w for w in ins.args.split() if not w.startswith("--")]
             alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            result.append((words[0], alias))
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                           lambda m: defaults.get(m[1] or m[2], m[0]), words[0])
+            result.append((image, alias))
     return result
 
 
@@ -103,7 +118,8 @@ def pip_install(instructions: list[Instruction]) -> tuple[list[str], list[str]]:
     for ins in instructions:
         if ins.keyword != "RUN":
             continue
-        for command in re.split(r"&&|;", ins.args):
+        args = re.sub(r"^(--\S+\s+)+", "", ins.args)  # RUN's own flags (--mount=type=cache,...)
+        for command in re.split(r"&&|;", args):
             words = shlex.split(command)
             if "pip" in " ".join(words[:1]) and "install" in words:
                 words = words[words.index("install") + 1:]
@@ -240,7 +256,9 @@ def test_base_images_are_pinned(dockerfile: Path) -> None:
     for image, _ in from_images(instructions):
         if image in aliases:
             continue
-        assert "$" not in image, f"{dockerfile.name}: base image {image} depends on a build argument"
+        # A build argument is allowed only with a pinned default declared before the first FROM:
+        # the build without --build-arg (production's) uses exactly that image.
+        assert "$" not in image, f"{dockerfile.name}: base image {image} depends on a build argument without a default"
         name, _, digest = image.partition("@")
         tag = name.rsplit("/", 1)[-1].partition(":")[2]
         assert digest.startswith("sha256:") or re.search(r"\d", tag), \
@@ -262,10 +280,36 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile: Path) -> No
 
 def test_trainer_python_matches_the_project() -> None:
     requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
-    for image, _ in from_images(read_dockerfile(TRAINER)):
+    images = [image for image, _ in from_images(read_dockerfile(TRAINER))]
+    assert any(image.startswith("python:") for image in images), images
+    for image in images:
         if image.startswith("python:"):
             version = re.match(r"python:(\d+\.\d+\.\d+)", image)
             assert version and requires.contains(version[1]), f"{image} vs requires-python {requires}"
+
+
+def test_trainer_build_arguments_leave_nothing_in_the_image() -> None:
+    """BASE_IMAGE defaults to the official Python image and is the base of both stages (the venv's
+    interpreter is the base image's); PIP_CERT is a build-stage argument only, empty by default, and
+    no ENV or COPY carries a CA bundle into any stage."""
+    instructions = read_dockerfile(TRAINER)
+    raw_froms = [i.args.split()[0] for i in instructions if i.keyword == "FROM"]
+    assert raw_froms == ["${BASE_IMAGE}", "${BASE_IMAGE}"], raw_froms
+    assert declared_args(instructions, -1) == {"BASE_IMAGE": "python:3.11.13-slim-bookworm"}
+    images = [image for image, _ in from_images(instructions)]
+    assert images == ["python:3.11.13-slim-bookworm"] * 2
+
+    build_stage, final = 0, max(i.stage for i in instructions)
+    assert declared_args(instructions, build_stage) == {"PIP_CERT": ""}
+    assert declared_args(instructions, final) == {}
+    # Declared right before the install step, so that no earlier step depends on it.
+    keywords = [i.keyword for i in instructions if i.stage == build_stage]
+    arg_at = [n for n, i in enumerate(i for i in instructions if i.stage == build_stage)
+              if i.keyword == "ARG"]
+    assert arg_at == [len(keywords) - 2] and keywords[-1] == "RUN", keywords
+    for ins in instructions:
+        if ins.keyword in ("ENV", "LABEL", "COPY", "ADD"):
+            assert not re.search(r"PIP_CERT|REQUESTS_CA_BUNDLE|SSL_CERT|\.crt\b|\.pem\b", ins.args), ins
 
 
 def test_trainer_install_resolves_entirely_from_the_lock() -> None:
