@@ -26,7 +26,8 @@ ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 # ---- build: a virtual environment with the project and its locked training dependencies -------
 FROM ${BASE_IMAGE} AS build
 
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 # A compiler for the few dependencies published only as source distributions.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
@@ -40,14 +41,17 @@ COPY tasks/ tasks/
 COPY data_checks/ data_checks/
 
 # Every version comes from requirements/lock.txt (the CUDA wheels from docker/trainer-cuda.txt).
-# pip's download cache is a build cache mount: a rebuild after a code change does not fetch the
-# ~4 GB of TensorFlow and CUDA wheels again, and the cache never lands in a layer. PIP_CERT (an
-# ARG, so an environment variable of this step only; empty means pip's own CA bundle) is declared
-# here so that no other step sees it.
+# PIP_CERT (an ARG, so an environment variable of this step only; empty means pip's own CA
+# bundle) is declared here so that no other step sees it.
+# --ignore-requires-python: the lock (resolved by uv, which reads only lower bounds of
+# Requires-Python) pins backports-strenum 1.3.1, a dependency of tf-models-official's
+# ai-edge-litert that declares Python <3.11 because 3.11 has enum.StrEnum itself; pip refuses it
+# without this flag. Every version is pinned, so the flag changes nothing else, and the
+# development environment (uv) installs the same set. tests/unit/test_dockerfiles.py fails if
+# another locked package of the image excludes the image's Python.
 ARG PIP_CERT=""
-RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c requirements/lock.txt -c docker/trainer-cuda.txt \
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --ignore-requires-python -c requirements/lock.txt -c docker/trainer-cuda.txt \
         ".[train]" "tensorflow[and-cuda]==2.20.0" \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/personcar --help > /dev/null

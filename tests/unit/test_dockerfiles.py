@@ -118,8 +118,7 @@ def pip_install(instructions: list[Instruction]) -> tuple[list[str], list[str]]:
     for ins in instructions:
         if ins.keyword != "RUN":
             continue
-        args = re.sub(r"^(--\S+\s+)+", "", ins.args)  # RUN's own flags (--mount=type=cache,...)
-        for command in re.split(r"&&|;", args):
+        for command in re.split(r"&&|;", ins.args):
             words = shlex.split(command)
             if "pip" in " ".join(words[:1]) and "install" in words:
                 words = words[words.index("install") + 1:]
@@ -337,6 +336,51 @@ def test_trainer_install_resolves_entirely_from_the_lock() -> None:
     assert closure.not_installed_here == {n for n in read_pins(CUDA)}, closure.not_installed_here
     # Nothing from the Airflow side is pulled into the trainer.
     assert "apache-airflow" not in closure.versions
+
+
+def excluding_python(versions: dict[str, str], python: str) -> set[str]:
+    """Distributions (installed here at their locked version) whose Requires-Python excludes ``python``."""
+    out = set()
+    for name, version in versions.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        requires = dist.metadata.get("Requires-Python")
+        if dist.version == version and requires and not SpecifierSet(requires).contains(python):
+            out.add(name)
+    return out
+
+
+def install_line_flags(dockerfile: Path) -> set[str]:
+    flags = set()
+    for ins in read_dockerfile(dockerfile):
+        if ins.keyword == "RUN" and re.search(r"pip\s+install", ins.args):
+            flags |= {w for w in shlex.split(ins.args) if w.startswith("--")}
+    return flags
+
+
+@pytest.mark.parametrize("dockerfile", [TRAINER, AIRFLOW], ids=lambda p: p.name)
+def test_pip_in_the_image_accepts_every_locked_requires_python(dockerfile: Path) -> None:
+    """The lock is resolved by uv, which ignores upper bounds of Requires-Python; pip in the image
+    does not. The trainer installs with --ignore-requires-python for the one known case (a 3.10
+    backport that 3.11 does not need); anything else, or any such package in the Airflow image,
+    fails here rather than in a build."""
+    instructions = read_dockerfile(dockerfile)
+    constraints, requirements = pip_install(instructions)
+    pins: dict[str, str] = {}
+    for path in constraints:
+        pins.update(read_pins(REPO / path))
+    closure = resolve_closure(parse_install_args(requirements), pins)
+    images = [image for image, _ in from_images(instructions)]
+    python = re.search(r"python:?(\d+\.\d+(?:\.\d+)?)", images[-1])[1]
+    excluded = excluding_python(closure.versions, python)
+    if dockerfile == TRAINER:
+        assert excluded == {"backports-strenum"}, f"locked packages that exclude Python {python}: {excluded}"
+        assert "--ignore-requires-python" in install_line_flags(dockerfile)
+    else:
+        assert excluded == set(), f"pip in {dockerfile.name} refuses {excluded} on Python {python}"
+        assert "--ignore-requires-python" not in install_line_flags(dockerfile)
 
 
 def test_cuda_pins_are_tensorflows_own_cuda_requirements() -> None:
