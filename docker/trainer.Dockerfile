@@ -49,9 +49,13 @@ COPY data_checks/ data_checks/
 # without this flag. Every version is pinned, so the flag changes nothing else, and the
 # development environment (uv) installs the same set. tests/unit/test_dockerfiles.py fails if
 # another locked package of the image excludes the image's Python.
+# --use-pep517: the two locked source-only packages (seqeval, promise) are built as wheels in an
+# isolated build environment, as uv builds them for the development environment, whatever pip
+# version the base image's venv brings (pip 23.0's legacy `setup.py install` fails on seqeval).
 ARG PIP_CERT=""
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --ignore-requires-python -c requirements/lock.txt -c docker/trainer-cuda.txt \
+    && /opt/venv/bin/pip install --ignore-requires-python --use-pep517 \
+        -c requirements/lock.txt -c docker/trainer-cuda.txt \
         ".[train]" "tensorflow[and-cuda]==2.20.0" \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/personcar --help > /dev/null
