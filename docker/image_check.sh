@@ -53,8 +53,8 @@ finish() {
     local rc=$?
     if [ -n "$CONTAINER" ]; then buildah rm "$CONTAINER" >/dev/null 2>&1 || true; fi
     if [ "$rc" -ne 0 ]; then
-        printf '\nimage-check: FAILED at step "%s"%s (exit %s); logs in %s\n' \
-            "$STEP" "${REASON:+: $REASON}" "$rc" "$WORK" >&2
+        printf '\nimage-check: FAILED at step "%s": %s; logs in %s\n' \
+            "$STEP" "${REASON:-exit status $rc}" "$WORK" >&2
     fi
 }
 trap finish EXIT
@@ -132,6 +132,7 @@ fi
 
 # ---- 3. the trainer image -----------------------------------------------------------------------
 step "build $DOCKERFILE as $IMAGE"
+STEP="build $DOCKERFILE"
 echo "log: $WORK/build.log"
 cache_flags=(--layers)
 [ "${PERSONCAR_CHECK_NO_CACHE:-0}" = 1 ] && cache_flags+=(--no-cache)
@@ -162,15 +163,17 @@ run() {
     local name=$1 lines=$2 pattern=$3
     shift 3
     step "in the image: $*"
-    in_image "$@" >"$WORK/$name.log" 2>&1 || { log_tail "$WORK/$name.log" 30; fail "$1 ${2:-} failed in the image"; }
+    STEP="in the image: $1 ${2:-}"
+    in_image "$@" >"$WORK/$name.log" 2>&1 \
+        || { local rc=$?; log_tail "$WORK/$name.log" 30; fail "$1 ${2:-} exited with status $rc (log $WORK/$name.log)"; }
     { grep -E -- "$pattern" "$WORK/$name.log" || true; } | tail -n "$lines" | cut -c1-300
 }
 
-run id 1 . id
+run id 1 '^' id
 uid=$(in_image id -u)
 [ "$uid" = "$EXPECTED_UID" ] || fail "the image runs as uid $uid, not $EXPECTED_UID"
 VENV_SIZE=$(in_image du -sh /opt/venv | cut -f1)
-run help 100 . personcar --help
+run help 100 '^' personcar --help
 run tensorflow 2 '^(tensorflow|GPUs)' python -c "import tensorflow as tf; b = tf.sysconfig.get_build_info(); \
 print('tensorflow', tf.__version__, 'built for CUDA', b.get('cuda_version'), 'cuDNN', b.get('cudnn_version')); \
 print('GPUs visible here:', tf.config.list_physical_devices('GPU'))"
