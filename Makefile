@@ -36,7 +36,7 @@ demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/personcar sample --out $(DEMO)/sample --images 32 --seed 0 --archive $(DEMO)/trainval.tar.gz
 	$(BIN)/airflow db migrate > $(DEMO)/db-migrate.log
-	PERSONCAR_ARTIFACT_ROOT=$(DEMO)/runs $(BIN)/airflow dags test personcar_detection 2026-01-05 \
+	PERSONCAR_ARTIFACT_ROOT=$(DEMO)/runs $(BIN)/airflow dags test personcar_detection \
 		--conf '$(DEMO_CONF)' 2>&1 | tee $(DEMO)/dag-test.log \
 		| grep -E "\[personcar\]|Marking run|ERROR" | sed -E 's/ +\[personcar\].*//' || true
 	@$(BIN)/python -m tasks.demo_summary $(DEMO)

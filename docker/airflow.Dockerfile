@@ -26,5 +26,7 @@ RUN pip install -c requirements/lock.txt "apache-airflow==3.3.2" ".[airflow]" \
 
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
+# The trainer pods' shape (PERSONCAR_K8S_POD_TEMPLATES); operators may mount their own instead.
+COPY --chown=airflow:0 deploy/k8s/pod-templates/ /opt/airflow/pod-templates/
 
 WORKDIR /opt/airflow

@@ -4,9 +4,9 @@
   run's published report. The ``publish_report`` task pushes the XCom ``report_url`` (what
   ``tasks.publish.publish`` returns as ``report_url``: an ``s3://``, ``file://`` or ``https://``
   location); ``evaluate`` may push its own, otherwise its link follows ``publish_report``'s for the
-  same DAG run. Locations under the publish destination open through the runs view
-  (``/personcar/reports/...``), which serves local files and presigns S3 objects; other ``s3://``
-  locations open in the S3 console.
+  same DAG run. Locations under a publish destination the runs view knows (the configured one, or
+  any the DAG published to) open through it (``/personcar/reports/...``, ``/personcar/dest/...``),
+  which serves local files and presigns S3 objects; other ``s3://`` locations open in the S3 console.
 * The runs view (``/personcar/``, see ``personcar_views``): every published run with mAP,
   mAP@.50IOU and mAP@.75IOU over time, the promoted flag and a link to each report, listed under
   Browse in the Airflow navigation.
@@ -17,7 +17,6 @@ process loads plugins, and the view's app is only built when its first request a
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -49,21 +48,14 @@ def _xcom(dag_id: str, run_id: str, task_id: str, map_index: int, key: str) -> A
         return XCom.get_one(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index)
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
+    from personcar_views import decode_xcom
 
     with create_session() as session:
         row = session.execute(
             XComModel.get_many(key=key, run_id=run_id, dag_ids=dag_id, task_ids=task_id,
                                map_indexes=map_index).with_only_columns(XComModel.value)
         ).first()
-    if row is None:
-        return None
-    value = row[0]
-    if isinstance(value, str | bytes):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            pass
-    return value
+    return None if row is None else decode_xcom(row[0])
 
 
 def _report_location(value: Any) -> str | None:
@@ -84,13 +76,13 @@ def report_href(location: str) -> str:
     if location.startswith(("http://", "https://")):
         return location
     try:
-        from personcar_views import publish_dest, relative_to_dest
+        from personcar_views import report_path
 
-        rel = relative_to_dest(location, publish_dest())
-    except Exception:  # noqa: BLE001 - an unresolvable location only means no link
-        rel = None
-    if rel:
-        return f"{_base_path()}{URL_PREFIX}/reports/{quote(rel)}"
+        path = report_path(location)
+    except Exception:  # an unresolvable location only means no link
+        path = None
+    if path:
+        return f"{_base_path()}{URL_PREFIX}/{path}"
     if location.lower().startswith("s3://"):
         bucket, _, key = location[5:].partition("/")
         return f"https://s3.console.aws.amazon.com/s3/object/{quote(bucket)}?prefix={quote(key)}"

@@ -102,11 +102,11 @@ def cmd_validate(a: argparse.Namespace) -> Any:
         ann = st.input(a.annotations, "annotations", file=True)
         images = st.input(a.images, "images")
         out = st.output(a.out, "out")
-        result = validate_annotations(ann, out, images=images, max_quarantine_fraction=a.max_quarantine_fraction)
+        cfg = run_config_from_args(a)
+        result = validate_annotations(ann, out, images=images, max_quarantine_fraction=cfg.max_quarantine_fraction)
         from tasks.anchors import write_coverage
-        from tasks.config import DEFAULT_MODEL
 
-        cov = write_coverage(out / "annotations.clean.json", out, a.model or DEFAULT_MODEL, a.image_size)
+        cov = write_coverage(out / "annotations.clean.json", out, cfg.model, cfg.image_size)
         return {**result, "anchor_coverage": cov["coverage"]}
 
 
@@ -133,9 +133,7 @@ def run_config_from_args(a: argparse.Namespace) -> Any:
             raise PersoncarError(f"--run-config is not valid JSON: {exc}") from None
         if not isinstance(params, dict):
             raise PersoncarError("--run-config must be a JSON object of run parameters")
-    for key in ("model", "backbone", "epochs", "steps", "batch_size", "image_size", "learning_rate",
-                "init_checkpoint", "init_checkpoint_modules", "warm_start", "validate_every", "augment", "seed",
-                "num_shards", "val_fraction", "publish_dest"):
+    for key in RunConfig.model_fields:
         value = getattr(a, key, None)
         if value is not None:
             params[key] = value
@@ -249,8 +247,13 @@ def _fraction(text: str) -> float:
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
+TRAIN_FLAGS = ("model", "backbone", "epochs", "steps", "batch_size", "image_size", "learning_rate", "init_checkpoint",
+               "init_checkpoint_modules", "warm_start", "publish_dest", "validate_every", "augment", "seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks import __version__
+    from tasks.config import add_run_flags
 
     p = _Parser(prog="personcar", description="Person/car detector pipeline stages.")
     p.add_argument("--version", action="version", version=f"personcar {__version__}")
@@ -278,46 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--annotations", required=True)
     s.add_argument("--images", help="image folder: also run the image checks")
     s.add_argument("--out", required=True)
-    s.add_argument("--model", help="model config whose anchors the boxes are checked against "
-                                   "(default: ssd_resnet152_v1_fpn_640x640)")
-    s.add_argument("--image-size", type=positive, help="input side for the anchor check (default: the model's)")
-    s.add_argument("--max-quarantine-fraction", type=_fraction, default=0.01,
-                   help="fail when more than this fraction of boxes is quarantined (default 0.01)")
+    add_run_flags(s, ("model", "image_size", "max_quarantine_fraction"))
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("tfrecords", cmd_tfrecords, "build sharded train/val TFRecords (OD API format)")
     s.add_argument("--annotations", required=True, help="the cleaned COCO JSON (annotations.clean.json)")
     s.add_argument("--images", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--num-shards", type=positive, help="shards per split (default: from the data size)")
-    s.add_argument("--val-fraction", type=_fraction, help="share of images in val (default 0.1)")
-    s.add_argument("--seed", type=non_negative, help="recorded in the manifest (default 42)")
+    add_run_flags(s, ("num_shards", "val_fraction", "seed"))
     s.add_argument("--run-config", help="run parameters as JSON (flags override them)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("train", cmd_train, "train (or resume) the detector and export a SavedModel")
     s.add_argument("--data", required=True, help="TFRecord folder")
     s.add_argument("--model-dir", required=True)
-    s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
-    s.add_argument("--backbone", help="resnet18/34/50/101/152 (default: the model's)")
-    s.add_argument("--steps", type=positive, help="training steps (default: from --epochs)")
-    s.add_argument("--batch-size", type=positive, help="images per GPU (per replica); the global batch is this x GPUs")
-    s.add_argument("--image-size", type=positive)
-    s.add_argument("--learning-rate", type=float)
-    s.add_argument("--epochs", type=float, help="training length in epochs (default: the model's; --steps wins)")
-    s.add_argument("--init-checkpoint",
-                   help="pretrained (default: the model's published checkpoint), scratch, or a checkpoint: "
-                        "path, s3://, gs://, https:// (.tar.gz unpacked), of this project, Model Garden or the TF2 zoo")
-    s.add_argument("--init-checkpoint-modules", choices=("backbone", "backbone,decoder", "all"),
-                   help="what to load from --init-checkpoint (default: everything it has)")
-    s.add_argument("--warm-start", choices=("promoted", "none"),
-                   help="promoted (default): continue from the last promoted model in --publish-dest")
-    s.add_argument("--publish-dest", help="where reports are published (finds the promoted model for --warm-start)")
-    s.add_argument("--validate-every", type=non_negative,
-                   help="steps between validations on the val split (0: never; default: the model's)")
-    s.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                   help="no random flip / scale jitter (overfit checks: memorise the training images)")
-    s.add_argument("--seed", type=non_negative)
+    add_run_flags(s, TRAIN_FLAGS)
     s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
     s.add_argument("--gpus", type=non_negative, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
     s.add_argument("--log-every", type=positive, default=10, help="steps between log lines and summaries")
@@ -329,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
             "convert a TF2 detection zoo SSD ResNet V1 FPN checkpoint onto this project's model")
     s.add_argument("--src", required=True, help="the zoo's .tar.gz (path or https://) or its checkpoint prefix/folder")
     s.add_argument("--out", required=True, help="folder for the converted checkpoint (ckpt-1) and conversion.json")
-    s.add_argument("--model", help="model config (default: ssd_resnet152_v1_fpn_640x640)")
-    s.add_argument("--backbone", help="resnet50/101/152 (default: the model's)")
+    add_run_flags(s, ("model", "backbone"))
 
     s = add("predict", cmd_predict, "run the exported model into a COCO results JSON")
     s.add_argument("--model-dir", required=True)

@@ -8,14 +8,14 @@ Airflow Variables. Both validate on construction and fail with one line naming t
 from __future__ import annotations
 
 import math
-import os
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tasks.errors import PersoncarError
 
@@ -61,42 +61,88 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dataset_source: str = Field(
-        default=PRODUCTION_SOURCE,
-        description="Archive to download: s3://bucket/key, https://..., file://... or a local path.",
-    )
-    dataset_sha256: str | None = Field(default=None, description="Expected sha256 of the archive.")
-    model: str = Field(default=DEFAULT_MODEL, description="Model config name (tasks/configs).")
-    backbone: Backbone | None = Field(default=None, description="Override the model's ResNet depth.")
-    epochs: float | None = Field(default=None, gt=0, le=10_000,
-                                 description="Training length in passes over the training images.")
-    steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Training steps (overrides epochs).")
-    batch_size: int | None = Field(default=None, ge=1, le=1024,
-                                   description="Images per GPU (per replica); the global batch is this x GPUs.")
-    image_size: int | None = Field(default=None, ge=128, le=1536, description="Square input side.")
-    learning_rate: float | None = Field(default=None, gt=0, le=10, description="Base (peak) LR.")
+        default=PRODUCTION_SOURCE, min_length=1, title="Dataset archive",
+        description="trainval.tar.gz to download: s3://bucket/key, https://..., file://... or a path.",
+        json_schema_extra={"section": "Data"})
+    dataset_sha256: str | None = Field(
+        default=None, pattern="^[0-9a-fA-F]{64}$", title="Archive sha256",
+        description="Expected sha256 of the archive; the run fails when it differs.",
+        json_schema_extra={"section": "Data"})
+    max_quarantine_fraction: float = Field(
+        default=0.01, ge=0.0, le=1.0, title="Max quarantined boxes",
+        description="Fail validation when more than this fraction of boxes is quarantined (zero-size, out of "
+                    "image, duplicates, EXIF-rotated images).", json_schema_extra={"section": "Data"})
+    val_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0, title="Validation fraction",
+        description="Share of images held out for evaluation (stable hash of the file name).",
+        json_schema_extra={"section": "Data"})
+    num_shards: int | None = Field(
+        default=None, ge=1, le=1024, title="Shards per split",
+        description="TFRecord shards per split; empty: ~150 MB a shard.", json_schema_extra={"section": "Data"})
+    model: str = Field(
+        default=DEFAULT_MODEL, title="Model",
+        description="Detector config: the TF2 zoo's SSD ResNet V1 FPN (built from TF Model Garden components), "
+                    "Model Garden's own RetinaNet-50, or the tiny ResNet-26 variant for CPU smoke runs.",
+        json_schema_extra={"section": "Training", "enum": available_models()})
+    backbone: Backbone | None = Field(
+        default=None, title="Backbone override", description="ResNet depth; empty: the model's own.",
+        json_schema_extra={"section": "Training", "values_display": {
+            "null": "the model's own", "resnet18": "ResNet-18 (Model Garden ResNet only)",
+            "resnet26": "ResNet-26 (ResNet V1 only; CPU smoke runs)", "resnet34": "ResNet-34 (Model Garden ResNet only)",
+            "resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnet152": "ResNet-152"}})
     init_checkpoint: str = Field(
-        default=START_PRETRAINED,
-        description="Where training starts: 'pretrained' (the model's published checkpoint, or scratch when it "
-                    "has none), 'scratch', or a checkpoint: a path, s3://, gs:// or https:// (a .tar.gz is unpacked).")
+        default=START_PRETRAINED, min_length=1, title="Start from",
+        description="pretrained: the model's published COCO checkpoint (the TF2 zoo's, converted); scratch; or a "
+                    "checkpoint path, s3://, gs:// or https:// (.tar.gz unpacked).",
+        json_schema_extra={"section": "Training"})
     init_checkpoint_modules: Literal["backbone", "backbone,decoder", "all"] | None = Field(
-        default=None, description="Which parts to load from init_checkpoint; empty: all that the checkpoint has.")
+        default=None, title="Load from it", description="Which parts of the start checkpoint to load.",
+        json_schema_extra={"section": "Training", "values_display": {
+            "null": "all it holds", "backbone": "backbone", "backbone,decoder": "backbone and FPN",
+            "all": "the whole detector"}})
     warm_start: Literal["promoted", "none"] = Field(
-        default="promoted",
-        description="'promoted': continue from the model the quality gate last promoted (same model config), "
-                    "else start from init_checkpoint; 'none': always init_checkpoint.")
+        default="promoted", title="Continue from",
+        description="promoted: fine-tune the model the quality gate last promoted (same model config); a new "
+                    "week of data costs a fine-tune, not a full training.",
+        json_schema_extra={"section": "Training", "values_display": {
+            "promoted": "the last promoted model", "none": "no (use Start from)"}})
+    epochs: float | None = Field(
+        default=None, gt=0, le=10_000, title="Epochs",
+        description="Passes over the training images; empty: the model's (24 for fine-tuning).",
+        json_schema_extra={"section": "Training"})
+    steps: int | None = Field(
+        default=None, ge=1, le=1_000_000, title="Training steps",
+        description="Overrides epochs; empty: epochs x training images / global batch.",
+        json_schema_extra={"section": "Training"})
+    batch_size: int | None = Field(
+        default=None, ge=1, le=1024, title="Batch size per GPU",
+        description="Images per GPU (8 fits 24 GB at 640 px); the global batch is this x GPUs and the learning "
+                    "rate scales with it.", json_schema_extra={"section": "Training"})
+    image_size: int | None = Field(
+        default=None, ge=128, le=1536, multiple_of=MAX_LEVEL_STRIDE, title="Image size",
+        description="Square input side in pixels; empty: 640.", json_schema_extra={"section": "Training"})
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=10, title="Learning rate",
+        description="Peak (base) learning rate; empty: 0.04 x global batch / 64.",
+        json_schema_extra={"section": "Training"})
     validate_every: int | None = Field(
-        default=None, ge=0, le=1_000_000,
-        description="Steps between validations on the val split (COCO mAP, best checkpoint); 0: never; "
-                    "empty: the model's interval in epochs.")
-    augment: bool = Field(default=True, description="Random flip and scale jitter of training images.")
-    val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
-    num_shards: int | None = Field(default=None, ge=1, le=1024)
-    seed: int = Field(default=42, ge=0)
-    max_quarantine_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
-    publish_dest: str | None = Field(default=None, description="s3://bucket/prefix or file://...")
-    promotion_margin: float = Field(default=0.0, ge=0.0, le=1.0)
+        default=None, ge=0, le=1_000_000, title="Validate every",
+        description="Steps between COCO evaluations of the val split (the best checkpoint is exported); 0: never; "
+                    "empty: every 2 epochs.", json_schema_extra={"section": "Training"})
+    augment: bool = Field(
+        default=True, title="Augmentation",
+        description="Random horizontal flip and 0.8-1.2x scale jitter of training images; off to check that the "
+                    "model can memorise its training set.", json_schema_extra={"section": "Training"})
+    seed: int = Field(default=42, ge=0, title="Seed", json_schema_extra={"section": "Training"})
+    publish_dest: str | None = Field(
+        default=None, title="Publish to", description="s3://bucket/prefix or file://...; empty: <artifact root>/published.",
+        json_schema_extra={"section": "Report"})
+    promotion_margin: float = Field(
+        default=0.0, ge=0.0, le=1.0, title="Promotion margin",
+        description="Promote only when mAP@.50IOU beats the last promoted run by more than this.",
+        json_schema_extra={"section": "Report"})
 
-    @field_validator("dataset_sha256")
+    @field_validator("dataset_sha256", mode="before")
     @classmethod
     def _sha(cls, v: str | None) -> str | None:
         if v in (None, ""):
@@ -113,10 +159,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown model {v!r}; expected one of {', '.join(available_models())}")
         return v
 
-    @field_validator("image_size")
+    @field_validator("image_size", mode="before")
     @classmethod
-    def _size(cls, v: int | None) -> int | None:
-        if v is not None and v % MAX_LEVEL_STRIDE:
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, int) and v % MAX_LEVEL_STRIDE:
             raise ValueError(f"must be a multiple of {MAX_LEVEL_STRIDE} (FPN level 7)")
         return v
 
@@ -210,6 +256,86 @@ class RunConfig(BaseModel):
         }
 
 
+def _json_type(prop: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A field's JSON schema without pydantic's ``anyOf`` for optionals: (schema, nullable)."""
+    options = prop.get("anyOf")
+    if not options:
+        return {k: v for k, v in prop.items() if k not in ("default", "title", "description")}, False
+    kinds = [o for o in options if o.get("type") != "null"]
+    return dict(kinds[0]), len(kinds) < len(options)
+
+
+def dag_params(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DAG's trigger form: an Airflow ``Param`` per :class:`RunConfig` field (title, description,
+    bounds, enum, section) from the model's own JSON schema; ``defaults`` overrides field defaults."""
+    from airflow.sdk import Param
+
+    schema = RunConfig.model_json_schema()["properties"]
+    params = {}
+    for name, field in RunConfig.model_fields.items():
+        prop = dict(schema[name])
+        extra = {k: prop.pop(k) for k in ("section", "values_display") if k in prop}
+        kind, nullable = _json_type(prop)
+        if nullable:
+            kind["type"] = ["null", kind["type"]]
+            if "enum" in kind:
+                kind["enum"] = [None, *kind["enum"]]
+        default = (defaults or {}).get(name, field.get_default(call_default_factory=True))
+        params[name] = Param(default, title=field.title, description=field.description, **kind, **extra)
+    return params
+
+
+def _flag_type(kind: type, bounds: dict[str, Any]) -> Any:
+    """An argparse ``type`` that parses ``kind`` and checks a field's ge/gt/le bounds (one-line errors)."""
+    import argparse
+    import operator
+
+    checks = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<=")}
+
+    def parse(text: str) -> Any:
+        shown = {k: str(v) if isinstance(v, int) else f"{v:g}" for k, v in bounds.items()}
+        if "ge" in shown and "le" in shown:
+            rule = f"between {shown['ge']} and {shown['le']}"
+        else:
+            rule = " and ".join(f"{checks[k][1]} {v}" for k, v in shown.items())
+        what = f"{'an integer' if kind is int else 'a number'}{' ' + rule if rule else ''}"
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not all(checks[k][0](value, v) for k, v in bounds.items()):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_run_flags(parser: Any, names: tuple[str, ...]) -> None:
+    """argparse flags for :class:`RunConfig` fields (``--batch-size`` for ``batch_size``), with the
+    field's bounds and choices checked while the arguments are parsed; unset flags stay None."""
+    import types
+    import typing
+
+    for name in names:
+        field = RunConfig.model_fields[name]
+        flag, help_text = "--" + name.replace("_", "-"), field.description or field.title
+        kind: Any = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
+                                help=f"off: {help_text}")
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(kind), help=help_text)
+        elif kind in (int, float):
+            bounds = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le")
+                      if getattr(m, k, None) is not None}
+            parser.add_argument(flag, dest=name, type=_flag_type(kind, bounds), help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, help=help_text)
+
+
 def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -221,32 +347,65 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid run configuration: " + "; ".join(parts)
 
 
-class Settings(BaseModel):
-    """Deployment settings: environment variables, overridable by Airflow Variables in the DAG."""
+class AirflowVariables(PydanticBaseSettingsSource):
+    """Airflow Variables ``personcar_<field>`` as a settings source (inside a task; nothing elsewhere)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads all variables at once
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            from airflow.sdk import Variable
+        except ImportError:
+            return {}
+        out = {}
+        for name in self.settings_cls.model_fields:
+            try:
+                value = Variable.get(f"personcar_{name}", default=None)
+            except Exception:  # no Airflow context (the CLI, a trainer pod, unit tests): no Variables
+                return {}
+            if value:
+                out[name] = value
+        return out
+
+
+class Settings(BaseSettings):
+    """Deployment settings: ``PERSONCAR_*`` environment variables, overridden by Airflow Variables
+    ``personcar_<field>`` inside Airflow tasks, overridden by explicit arguments."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONCAR_", env_ignore_empty=True, extra="ignore", frozen=True)
 
     artifact_root: str = Field(default_factory=lambda: str(Path.home() / "personcar-artifacts"))
-    backend: Literal["local", "kubernetes"] = "local"
+    execution_backend: Literal["local", "kubernetes"] = "local"
     aws_conn_id: str = "aws_default"
     s3_endpoint_url: str | None = None
 
-    ENV: ClassVar[dict[str, str]] = {
-        "artifact_root": "PERSONCAR_ARTIFACT_ROOT",
-        "backend": "PERSONCAR_EXECUTION_BACKEND",
-        "aws_conn_id": "PERSONCAR_AWS_CONN_ID",
-        "s3_endpoint_url": "PERSONCAR_S3_ENDPOINT_URL",
-    }
+    @property
+    def backend(self) -> str:
+        return self.execution_backend
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        env = os.environ if environ is None else environ
-        values = {k: env[v] for k, v in cls.ENV.items() if env.get(v)}
-        values.update({k: v for k, v in overrides.items() if v not in (None, "")})
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, env_settings: Any,
+                                   dotenv_settings: Any, file_secret_settings: Any) -> tuple[Any, ...]:
+        return init_settings, AirflowVariables(settings_cls), env_settings
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """The settings, or one line naming the bad one."""
         try:
-            return cls(**values)
+            return cls(**{k: v for k, v in overrides.items() if v not in (None, "")})
         except ValidationError as exc:
-            raise PersoncarError(format_validation_error(exc).replace("run configuration", "settings")) from None
+            raise PersoncarError(format_validation_error(exc).replace("run configuration", "settings")) from exc
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field -> the environment variable that sets it."""
+        return {name: f"{cls.model_config['env_prefix']}{name.upper()}" for name in cls.model_fields}
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str]) -> Settings:
+        """The settings a process with this environment gets (deployment checks of Helm values)."""
+        return cls.load(**{k: environ.get(v) for k, v in cls.env_names().items()})
 
     def default_publish_dest(self) -> str:
         root = self.artifact_root.rstrip("/")

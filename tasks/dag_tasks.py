@@ -19,26 +19,11 @@ from tasks.config import RunConfig, Settings
 from tasks.logs import log
 
 TEMPORARY_RUN_PREFIX = "__airflow_temporary_run_"
-VARIABLES = {  # Airflow Variable -> Settings field (Variables override the environment)
-    "personcar_artifact_root": "artifact_root",
-    "personcar_aws_conn_id": "aws_conn_id",
-    "personcar_s3_endpoint_url": "s3_endpoint_url",
-}
 
 
 def settings() -> Settings:
-    """Deployment settings: environment, then Airflow Variables when they are set."""
-    overrides: dict[str, Any] = {}
-    try:
-        from airflow.sdk import Variable
-
-        for var, field in VARIABLES.items():
-            value = Variable.get(var, default=None)
-            if value:
-                overrides[field] = value
-    except Exception as exc:  # no Airflow context (CLI, unit tests): the environment alone
-        log.debug("Airflow Variables not available: %s", exc)
-    return Settings.from_env(**overrides)
+    """Deployment settings: the environment, then Airflow Variables ``personcar_<field>``."""
+    return Settings.load()
 
 
 def run_key(run_id: str, logical_date: Any = None) -> str:
@@ -319,7 +304,7 @@ def kubernetes_stage(task_id: str) -> Any:
 
     from tasks.k8s import TrainerPodSettings, make_trainer_task
 
-    pod = TrainerPodSettings.from_env()
+    pod = TrainerPodSettings.load()
     gpus = {"build_tfrecords": 0, "train": pod.gpus, "evaluate": min(pod.gpus, 1)}[task_id]
     extra: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(minutes=5)}
     if task_id == "train":

@@ -8,7 +8,8 @@ Layout under a destination ``DEST`` (``s3://bucket/prefix``, ``file:///path`` or
     DEST/latest/pointer.json    which run ``latest/`` holds; written last (see below)
 
 An index entry is ``{"run_id", "published_at", "metrics": {"mAP", "mAP@.50IOU", "mAP@.75IOU"},
-"promoted", "report": "<run id>/report.html", "gate": {...}}`` with ``report`` relative to DEST.
+"per_class": {"person": {"mAP", ...}, ...}, "promoted", "report": "<run id>/report.html", "gate": {...}}``
+with ``report`` relative to DEST (the report compares a run with the promoted one, class by class).
 
 Concurrency: publishes of different runs may run at the same time (parallel DAG runs, backfills).
 ``runs.json`` is updated by optimistic concurrency: read it with its ETag, change it, and write it
@@ -64,6 +65,7 @@ INDEX_METRICS = {
     "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
     "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU",
 }
+BY_CLASS = "DetectionBoxes_PerformanceByCategory/"
 DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": 0.0}
 
 #: Attempts at a conflicting index update before giving up.
@@ -144,6 +146,7 @@ def publish(
 
     # 2. The index entry, with the gate decided against the index as it is at write time.
     gate_value = _metric_value(all_metrics, gate["metric"])  # for the log line
+    per_class = _class_metrics(all_metrics)
     decided: dict[str, Any] = {}
 
     def change(entries: list[dict]) -> list[dict]:
@@ -154,6 +157,7 @@ def publish(
             "run_id": run,
             "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "metrics": _index_metrics(all_metrics, gate["metric"]),
+            **({"per_class": per_class} if per_class else {}),
             "promoted": verdict["promoted"],
             "report": f"{run}/{report_rel}" if report_rel else None,
             "gate": {k: verdict[k] for k in ("metric", "margin", "value", "baseline_run_id", "baseline_value")},
@@ -562,6 +566,16 @@ def short_name(metric: str) -> str:
 def _index_metrics(metrics: dict[str, Any], gate_metric: str) -> dict[str, float | None]:
     out = {short: _metric_value(metrics, full) for short, full in INDEX_METRICS.items()}
     out.setdefault(short_name(gate_metric), _metric_value(metrics, gate_metric))
+    return out
+
+
+def _class_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per-class AP, AP@.50 and AP@.75 under the index's short names: ``{"person": {"mAP": ...}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, _, cls = key.removeprefix(BY_CLASS).partition("/")
+        if key.startswith(BY_CLASS) and name in INDEX_METRICS and cls and _number(value) is not None:
+            out.setdefault(cls, {})[name] = _number(value)
     return out
 
 

@@ -98,6 +98,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(condition, *, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout`` s.
+
+    ``condition`` may raise ``OSError`` (a server not listening yet): that counts as not yet.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+        except OSError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
 @pytest.fixture(scope="session")
 def strict_s3_server() -> Iterator[str]:
     """moto's S3 server in its own process with authentication on: unknown keys are refused.
@@ -144,3 +164,14 @@ def chromium_path() -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+#: Debian's Chromium under Playwright (``playwright install`` downloads are not used).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
+    """pytest-playwright's ``browser``/``page`` fixtures launch Debian's Chromium (skip or CI failure without it)."""
+    return {**browser_type_launch_args, "executable_path": chromium_path(), "args": CHROMIUM_ARGS}

@@ -1,10 +1,11 @@
 """The personcar Airflow plugin in a real ``airflow api-server``: the runs view, the Report links.
 
 One API server (SQLite, SimpleAuthManager with every user an admin, plugins from ``plugins/``) is
-started for the module on a free loopback port. Before it starts, runs are published to a file://
-destination with ``tasks.publish`` and a stand-in ``personcar_detection`` DAG is run with
-``airflow dags test``; its ``publish_report`` task publishes a report and pushes the ``report_url``
-XCom the Report link reads. The view is then loaded over HTTP and in headless Chromium.
+started for the module on a free loopback port. Before it starts, runs are published to the
+configured file:// destination with ``tasks.publish``, and a stand-in ``personcar_detection`` DAG is
+run with ``airflow dags test``; its ``publish_report`` task publishes to another destination (as
+``make demo`` does with ``.demo/published``) and pushes the ``report_url`` XCom the Report link
+and the view read. The view is then loaded over HTTP and in headless Chromium (Playwright).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chromium_path
-
 from tasks import publish as pub
+from tests.conftest import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -56,7 +54,7 @@ STAND_IN_DAG = textwrap.dedent(
         def publish_report(**context):
             from tasks.publish import publish
 
-            result = publish(os.environ["PERSONCAR_E2E_REPORT"], os.environ["PERSONCAR_PUBLISH_DEST"],
+            result = publish(os.environ["PERSONCAR_E2E_REPORT"], os.environ["PERSONCAR_E2E_DEST"],
                              run_id=context["run_id"])
             context["ti"].xcom_push(key="report_url", value=result["report_url"])
             return result["report_url"]
@@ -74,17 +72,12 @@ NASTY_RUN_ID = '<img src=x onerror="alert(1)">'
 @dataclass
 class Server:
     base: str
-    dest: Path
+    dest: Path  # the configured destination: the seeded runs
+    other: Path  # where the DAG's run published
     home: Path
     env: dict[str, str]
     dag_run_id: str
     seeded: list[str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _report(root: Path, name: str, map50: float | None) -> Path:
@@ -128,7 +121,7 @@ def _token(base: str) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("airflow")
-    home, dags, dest = tmp / "home", tmp / "dags", tmp / "published"
+    home, dags, dest, other = tmp / "home", tmp / "dags", tmp / "published", tmp / "demo" / "published"
     home.mkdir()
     dags.mkdir()
     (dags / "personcar_detection.py").write_text(STAND_IN_DAG, encoding="utf-8")
@@ -143,6 +136,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
         "PERSONCAR_PUBLISH_DEST": dest.as_uri(),
+        "PERSONCAR_E2E_DEST": other.as_uri(),
         "PERSONCAR_E2E_REPORT": str(_report(tmp / "dag-report", "from the DAG", 0.41)),
         "NO_PROXY": "127.0.0.1,localhost",
     })
@@ -160,28 +154,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _run([str(AIRFLOW), "db", "migrate"], env, 300, tmp)
     _run([str(AIRFLOW), "dags", "test", DAG_ID], env, 300, tmp)
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp / "api-server.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen([str(AIRFLOW), "api-server", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"api-server exited:\n{(tmp / 'api-server.log').read_text()[-4000:]}")
+        status, _, body = _get(f"{base}/api/v2/monitor/health", timeout=2)
+        return status == 200 and json.loads(body)["metadatabase"]["status"] == "healthy"
+
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                status, _, body = _get(f"{base}/api/v2/monitor/health", timeout=2)
-                if status == 200 and json.loads(body)["metadatabase"]["status"] == "healthy":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"api-server did not come up:\n{(tmp / 'api-server.log').read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until(healthy, timeout=180, what="api-server health", interval=0.5)
         token = _token(base)
         _, _, body = _get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", token=token)
         runs = json.loads(body)["dag_runs"]
         assert len(runs) == 1 and runs[0]["state"] == "success", runs
-        yield Server(base, dest, home, env, runs[0]["dag_run_id"], seeded)
+        yield Server(base, dest, other, home, env, runs[0]["dag_run_id"], seeded)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -217,38 +208,55 @@ def test_plugin_is_registered_with_its_app_view_and_link(server):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_runs_view_lists_every_published_run(server):
+def _dest_id(dest: str) -> str:
+    sys.path.insert(0, str(REPO / "plugins"))
+    try:
+        from personcar_views import dest_id
+    finally:
+        sys.path.remove(str(REPO / "plugins"))
+    return dest_id(dest)
+
+
+def _entries(server: Server) -> dict[str, tuple[dict, str]]:
+    """Every published run of both destinations: run id -> (index entry, its report link prefix)."""
+    out = {e["run_id"]: (e, "reports/") for e in pub.load_index(str(server.dest))}
+    out.update({e["run_id"]: (e, f"dest/{_dest_id(server.other.as_uri())}/") for e in pub.load_index(str(server.other))})
+    return out
+
+
+def test_runs_view_lists_every_run_wherever_it_was_published(server):
     status, headers, body = _get(f"{server.base}/personcar/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     page = body.decode("utf-8")
-    index = pub.load_index(str(server.dest))
-    assert len(index) == len(server.seeded) + 2  # the seeded runs, the hostile entry, the DAG's run
+    entries = _entries(server)
+    assert len(entries) == len(server.seeded) + 2  # the seeded runs, the hostile entry, the DAG's run elsewhere
+    sections = re.findall(r'<section class="dest" data-dest="([^"]*)">(.*?)</section>', page, flags=re.S)
+    assert [d for d, _ in sections] == [server.dest.as_uri(), server.other.as_uri()]
     rows = re.findall(r'<tr class="run" data-run-id="([^"]*)">(.*?)</tr>', page, flags=re.S)
-    assert len(rows) == len(index)
-    by_id = dict(rows)
-    for entry in index:
-        if entry["run_id"] == NASTY_RUN_ID:
+    assert len(rows) == len(entries)
+    for run_id, row in rows:
+        if run_id == NASTY_RUN_ID.replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;"):
             continue
-        row = by_id[entry["run_id"]]
+        entry, prefix = entries[run_id]
         for key in ("mAP", "mAP@.50IOU", "mAP@.75IOU"):
             value = entry["metrics"].get(key)
-            assert (f"{value:.4f}" if value is not None else "–") in row, (entry["run_id"], key)
-        assert ("promoted" in row) is entry["promoted"], entry["run_id"]
-        assert f'href="reports/{entry["report"]}"' in row
-    # Newest first.
-    assert [rid for rid, _ in rows][0] == pub.load_pointer(str(server.dest))["run_id"]
+            assert (f"{value:.4f}" if value is not None else "–") in row, (run_id, key)
+        assert ("promoted" in row) is entry["promoted"], run_id
+        assert f'href="{prefix}{entry["report"]}"' in row
+    # Newest first in each destination.
+    first = re.findall(r'data-run-id="([^"]*)"', sections[0][1])[0]
+    assert first == pub.load_pointer(str(server.dest))["run_id"]
     # Hostile values are escaped and an unsafe report path gets no link.
-    assert NASTY_RUN_ID not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
+    assert NASTY_RUN_ID not in page and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page
     assert "etc/passwd" not in page
-    # The chart: three series, one point per run that has the metric.
-    svg = re.search(r"<svg.*?</svg>", page, flags=re.S).group(0)
-    lines = re.findall(r'data-metric="([^"]+)"', svg)
-    # The run without metrics breaks each series' line in two.
-    assert sorted(lines) == sorted(["mAP", "mAP@.50IOU", "mAP@.75IOU"] * 2)
-    with_metrics = sum(1 for e in index for k in ("mAP", "mAP@.50IOU", "mAP@.75IOU")
-                       if e["metrics"].get(k) is not None)
-    assert svg.count("<circle") == with_metrics
-    assert svg.count('class="promoted-mark"') == sum(e["promoted"] for e in index)
+    # The chart: three series, one point per run that has the metric; the run without metrics breaks
+    # each series' line in two.
+    svg = re.search(r"<svg.*?</svg>", sections[0][1], flags=re.S).group(0)
+    assert sorted(re.findall(r'data-metric="([^"]+)"', svg)) == sorted(["mAP", "mAP@.50IOU", "mAP@.75IOU"] * 2)
+    seeded = pub.load_index(str(server.dest))
+    assert svg.count("<circle") == sum(1 for e in seeded for k in ("mAP", "mAP@.50IOU", "mAP@.75IOU")
+                                       if e["metrics"].get(k) is not None)
+    assert svg.count('class="promoted-mark"') == sum(e["promoted"] for e in seeded)
 
 
 def test_runs_json_and_report_files(server):
@@ -258,6 +266,8 @@ def test_runs_json_and_report_files(server):
     assert data["dest"] == server.dest.as_uri()
     assert data["runs"] == pub.load_index(str(server.dest))
     assert data["latest"] == pub.load_pointer(str(server.dest))
+    assert [(d["dest"], d["runs"]) for d in data["destinations"]] == [
+        (server.dest.as_uri(), data["runs"]), (server.other.as_uri(), pub.load_index(str(server.other)))]
 
     run = server.seeded[0]
     status, headers, body = _get(f"{server.base}/personcar/reports/{run}/report.html")
@@ -265,8 +275,18 @@ def test_runs_json_and_report_files(server):
     assert body == (server.dest / run / "report.html").read_bytes()
     status, headers, body = _get(f"{server.base}/personcar/reports/latest/pointer.json")
     assert status == 200 and json.loads(body)["run_id"] == data["latest"]["run_id"]
-    for bad in ("..%2F..%2Fhome", "%2Fetc%2Fpasswd", ".runs.json.lock", f"{run}/missing.html"):
+    (dag_run,) = pub.load_index(str(server.other))
+    other = f"{server.base}/personcar/dest/{_dest_id(server.other.as_uri())}"
+    status, _, body = _get(f"{other}/{dag_run['report']}")
+    assert status == 200 and body == (server.other / dag_run["report"]).read_bytes()
+    # Only files of indexed run folders and latest/, of known destinations.
+    (server.dest / "notes").mkdir(exist_ok=True)
+    (server.dest / "notes" / "secret.txt").write_text("not a run")
+    for bad in ("..%2F..%2Fhome", "%2Fetc%2Fpasswd", ".runs.json.lock", "runs.json", "notes/secret.txt",
+                f"{run}/missing.html"):
         assert _get(f"{server.base}/personcar/reports/{bad}")[0] == 404, bad
+    assert _get(f"{server.base}/personcar/dest/{_dest_id('file:///etc')}/{dag_run['report']}")[0] == 404
+    assert _get(f"{other}/{run}/report.html")[0] == 404  # a run of the other destination
 
 
 def test_view_refuses_a_forged_token(server):
@@ -284,8 +304,8 @@ def test_view_refuses_a_forged_token(server):
 
 def test_report_links_open_the_published_report(server):
     token = _token(server.base)
-    run_folder = pub.load_index(str(server.dest))[-1]["run_id"]
-    expected = f"/personcar/reports/{run_folder}/report.html"
+    (dag_run,) = pub.load_index(str(server.other))
+    expected = f"/personcar/dest/{_dest_id(server.other.as_uri())}/{dag_run['report']}"
     links = {}
     for task_id in ("publish_report", "evaluate", "train"):
         url = f"{server.base}/api/v2/dags/{DAG_ID}/dagRuns/{server.dag_run_id}/taskInstances/{task_id}/links"
@@ -300,52 +320,50 @@ def test_report_links_open_the_published_report(server):
 
 
 # --------------------------------------------------------------------------------------------------
-# Headless Chromium
+# Headless Chromium (Playwright)
 # --------------------------------------------------------------------------------------------------
 
 
-def _chromium_run(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *extra, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+@pytest.fixture()
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("PERSONCAR_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def _console_messages(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if ":CONSOLE(" in line or "Uncaught" in line]
+def test_runs_view_in_headless_chromium(server, page, shots):
+    import io
 
-
-def test_runs_view_in_headless_chromium(server, tmp_path):
     from PIL import Image
 
-    shot = tmp_path / "personcar-runs.png"
-    run = _chromium_run(f"{server.base}/personcar/", tmp_path / "profile", "--window-size=1200,1000",
-                        f"--screenshot={shot}", "--hide-scrollbars")
-    assert shot.is_file(), run.stderr[-2000:]
-    assert not _console_messages(run.stderr), _console_messages(run.stderr)
-    dom = _chromium_run(f"{server.base}/personcar/", tmp_path / "profile", "--dump-dom").stdout
-    assert dom.count('<tr class="run"') == len(pub.load_index(str(server.dest)))
-    assert "<svg" in dom and "personcar detection runs" in dom
-
-    image = Image.open(shot).convert("RGB")
-    assert image.size == (1200, 1000)
-    colours = image.getcolors(maxcolors=1 << 20)
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(str(e)))
+    page.set_viewport_size({"width": 1200, "height": 1000})
+    page.goto(f"{server.base}/personcar/")
+    assert page.locator("h1").inner_text() == "personcar detection runs"
+    assert page.locator("tr.run").count() == len(_entries(server))
+    assert page.locator("svg#metrics-chart").count() == 2 and console == []
+    png = page.screenshot(full_page=True)
+    (shots / "runs-page.png").write_bytes(png)
+    colours = Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20)
     # Each series' colour is drawn (lines and points), so the chart rendered.
     for rgb in ((0x4E, 0x79, 0xA7), (0xE1, 0x57, 0x59), (0x59, 0xA1, 0x4F)):
         near = sum(n for n, c in colours if all(abs(a - b) <= 12 for a, b in zip(c, rgb, strict=True)))
         assert near > 150, (rgb, near)
-    print(f"screenshot: {shot}")
+    # The report link of the run published elsewhere opens its report.
+    page.locator(f'tr.run[data-run-id="{pub.load_index(str(server.other))[0]["run_id"]}"] a.report').click()
+    assert page.locator("h1").inner_text() == "report from the DAG"
 
 
-def test_runs_view_is_embedded_in_the_airflow_ui(server, tmp_path):
-    shot = tmp_path / "airflow-ui-personcar.png"
-    args = ("--window-size=1400,900", "--virtual-time-budget=20000")
-    run = _chromium_run(f"{server.base}/plugin/personcar", tmp_path / "profile", *args, f"--screenshot={shot}")
-    assert shot.is_file(), run.stderr[-2000:]
-    dom = _chromium_run(f"{server.base}/plugin/personcar", tmp_path / "profile", *args, "--dump-dom").stdout
-    frame = re.search(r"<iframe[^>]*>", dom)
-    assert frame and 'src="personcar/"' in frame.group(0), dom[-2000:]
-    print(f"screenshot: {shot}")
+def test_runs_view_is_embedded_in_the_airflow_ui(server, page, shots):
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{server.base}/plugin/personcar")
+    frame = page.wait_for_selector('iframe[src="personcar/"]', timeout=60_000)
+    rows = page.frame_locator('iframe[src="personcar/"]').locator("tr.run")
+    rows.first.wait_for(timeout=60_000)
+    assert rows.count() == len(_entries(server)) and frame.is_visible()
+    (shots / "airflow-ui-personcar.png").write_bytes(page.screenshot())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +404,7 @@ def plugin_modules(monkeypatch):
     import personcar_plugin
     import personcar_views
 
+    monkeypatch.setattr(personcar_views, "published_dests", lambda: [])  # no metadata DB in these tests
     return personcar_plugin, personcar_views
 
 
@@ -398,9 +417,17 @@ def test_report_href_for_each_kind_of_location(plugin_modules, monkeypatch, tmp_
     assert plugin.report_href(run_report) == "/personcar/reports/run_1/report.html"
     assert plugin.report_href(str(dest / "run 2" / "report.html")) == "/personcar/reports/run%202/report.html"
     assert plugin.report_href("https://reports.example.com/r/1.html") == "https://reports.example.com/r/1.html"
-    assert plugin.report_href((tmp_path / "elsewhere" / "report.html").as_uri()) == ""
+    elsewhere = (tmp_path / "elsewhere" / "run_3" / "report.html").as_uri()
+    assert plugin.report_href(elsewhere) == ""
     assert plugin.report_href(f"{dest.as_uri()}/../secret.html") == ""
+    # A destination the DAG published to (from the XComs) opens through the view too.
+    monkeypatch.setattr(views, "published_dests", lambda: [(tmp_path / "elsewhere").as_uri(), dest.as_uri()])
+    assert views.known_dests() == [dest.as_uri(), (tmp_path / "elsewhere").as_uri()]
+    ident = views.dest_id((tmp_path / "elsewhere").as_uri())
+    assert plugin.report_href(elsewhere) == f"/personcar/dest/{ident}/run_3/report.html"
+    assert plugin.report_href(run_report) == "/personcar/reports/run_1/report.html"
 
+    monkeypatch.setattr(views, "published_dests", lambda: [])
     monkeypatch.setenv("PERSONCAR_PUBLISH_DEST", "s3://team-bucket/personcar/published/")
     assert plugin.report_href("s3://team-bucket/personcar/published/run_1/report.html") == \
         "/personcar/reports/run_1/report.html"
@@ -415,12 +442,18 @@ def test_report_href_for_each_kind_of_location(plugin_modules, monkeypatch, tmp_
 
 def test_page_for_an_unreadable_index_and_for_no_runs(plugin_modules):
     _, views = plugin_modules
-    page = views.render_page([], dest="s3://b/p", error="read s3://b/p/runs.json failed: bucket 'b' <gone>")
-    assert 'id="error"' in page and "bucket &#x27;b&#x27; &lt;gone&gt;" in page and "<svg" not in page
-    page = views.render_page([], dest="file:///x")
-    assert 'id="empty"' in page and "No runs published yet." in page
-    chart = views.render_chart([{"run_id": "a", "metrics": {}}])
-    assert "no metrics published yet" in chart and "<circle" not in chart
+    group = {"dest": "s3://b/p", "id": "x", "href": "reports/", "runs": [], "latest": None,
+             "error": "read s3://b/p/runs.json failed: bucket 'b' <gone>"}
+    page = views.render_page([group])
+    assert 'id="error"' in page and "bucket &#39;b&#39; &lt;gone&gt;" in page and "<svg" not in page
+    page = views.render_page([{**group, "dest": "file:///x", "error": None}])
+    assert 'id="empty"' in page and "No runs published yet." in page and "file:///x" in page
+    page = views.render_page([{**group, "error": None, "runs": [{"run_id": "a", "metrics": {}}]}])
+    assert "no metrics published yet" in page and "<circle" not in page
+    # An empty configured destination is left out when the DAG published elsewhere.
+    other = {**group, "dest": "file:///demo/published", "error": None, "runs": [{"run_id": "b", "metrics": {}}]}
+    page = views.render_page([{**group, "error": None}, other])
+    assert re.findall(r'data-dest="([^"]*)"', page) == ["file:///demo/published"] and "No runs" not in page
 
 
 def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, monkeypatch, tmp_path):
@@ -443,17 +476,18 @@ def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, 
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("PERSONCAR_PUBLISH_DEST", dest)
 
-    dest_seen, entries, pointer, error = views.load_runs()  # no connection: boto3's chain finds nothing
-    assert entries == [] and error and bucket in error
+    (group,) = views.load_runs()  # no connection: boto3's chain finds nothing
+    assert group["runs"] == [] and group["error"] and bucket in group["error"]
 
     monkeypatch.setenv("PERSONCAR_AWS_CONN_ID", "personcar_s3")
     monkeypatch.setenv("AIRFLOW_CONN_PERSONCAR_S3", json.dumps({
         "conn_type": "aws", "login": key, "password": secret,
         "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}}))
-    dest_seen, entries, pointer, error = views.load_runs()
-    assert error is None and dest_seen == dest
+    (group,) = views.load_runs()
+    assert group["error"] is None and group["dest"] == dest
+    entries = group["runs"]
     assert [e["run_id"] for e in entries] == [published["run_id"]] and entries[0]["metrics"]["mAP@.50IOU"] == 0.41
-    assert pointer["run_id"] == published["run_id"]
+    assert group["latest"]["run_id"] == published["run_id"]
     signed = storage.presigned_url(f"{dest}/{entries[0]['report']}", client=views.s3_client())
     assert signed.startswith(f"{endpoint}/{bucket}/") and "Signature" in signed
     with urllib.request.urlopen(signed, timeout=10) as resp:

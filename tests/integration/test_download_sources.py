@@ -2,7 +2,8 @@
 
 Covers credentialed and anonymous S3 reads, wrong checksums, missing keys and buckets, resumable
 HTTP (a server that drops the connection midway, one that ignores Range, a run interrupted and
-resumed by the next run), retries with backoff, cache reuse, and file:// / plain path sources.
+resumed by the next run), failed attempts that end cleanly for Airflow's retries to take over,
+cache reuse, and file:// / plain path sources.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import tarfile
 import threading
 import time
+import urllib.error
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +26,7 @@ from urllib.parse import urlsplit
 import boto3
 import numpy as np
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
 from tasks import download as dl
@@ -31,7 +34,7 @@ from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
 
 N_IMAGES = 4
-FAST = {"retry_backoff_s": 0.01, "progress_every": 3600}
+FAST = {"progress_every": 3600}
 
 
 # ----------------------------------------------------------------------------- a small real archive
@@ -207,21 +210,27 @@ def ws(tmp_path: Path) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------- HTTP
 
-def test_http_resumes_after_the_connection_drops_midway(http_server, archive, ws, caplog, monkeypatch):
+def test_http_drop_midway_fails_the_attempt_and_the_next_attempt_resumes(http_server, archive, ws, caplog,
+                                                                         monkeypatch):
     dest, cache = ws
     http_server.drop_next = 1
     monkeypatch.setattr(dl, "CHUNK", 1024)  # many chunks: progress must still be rate limited
     caplog.set_level(logging.INFO, logger="personcar")
-    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, retries=3, **FAST)
+    half = len(archive) // 2
+    with pytest.raises(PersoncarError, match=rf"connection closed after {half} of {len(archive)} bytes"):
+        download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
+    assert len(http_server.requests) == 1  # no retry inside the attempt: Airflow's task retries own that
+    assert not dest.exists()
+    caplog.clear()
+    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)  # the next attempt
     assert_extracted(dest, archive, m)
     assert m["reused_cache"] is False and m["source"] == http_server.url
     first, second = http_server.requests
     assert "range" not in first
-    half = len(archive) // 2
     assert second["range"] == f"bytes={half}-"  # resumed exactly where the drop happened
     assert second["if-range"] == '"v1"'
     assert http_server.body_bytes_sent == len(archive)  # nothing fetched twice
-    assert "connection closed after" in caplog.text and f"resuming at byte {half}" in caplog.text
+    assert f"resuming at byte {half}" in caplog.text
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading")]
     assert len(progress) == 1 and "(100.0%)" in progress[0] and "MB/s" in progress[0]
     assert not [p for p in cache.iterdir() if p.name.endswith((".part", ".part.json"))]
@@ -231,7 +240,9 @@ def test_http_server_that_ignores_range_restarts_from_zero(http_server, archive,
     dest, cache = ws
     http_server.drop_next, http_server.honour_range = 1, False
     caplog.set_level(logging.INFO, logger="personcar")
-    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, retries=2, **FAST)
+    with pytest.raises(PersoncarError, match=r"connection closed after"):
+        download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
+    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)  # the next attempt
     assert_extracted(dest, archive, m)
     assert len(http_server.requests) == 2 and http_server.requests[1]["range"].startswith("bytes=")
     assert "sent the whole object instead of bytes" in caplog.text
@@ -241,14 +252,14 @@ def test_interrupted_run_is_resumed_by_the_next_run(http_server, archive, ws):
     dest, cache = ws
     http_server.drop_next = 1
     with pytest.raises(PersoncarError) as ei:
-        download_dataset(http_server.url, dest, cache_dir=cache, retries=0, **FAST)
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
     half = len(archive) // 2
     assert f"connection closed after {half} of {len(archive)} bytes" in str(ei.value)
     assert f"{half} bytes kept in the cache, the next run resumes" in str(ei.value)
     assert not dest.exists() and not dest.parent.exists() or list(dest.parent.iterdir()) == []
     sent_before = http_server.body_bytes_sent
 
-    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, retries=0, **FAST)
+    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
     assert_extracted(dest, archive, m)
     assert http_server.requests[-1]["range"] == f"bytes={half}-"
     assert http_server.body_bytes_sent - sent_before == len(archive) - half
@@ -258,37 +269,57 @@ def test_partial_file_of_a_changed_object_is_not_stitched(http_server, archive, 
     dest, cache = ws
     http_server.drop_next = 1
     with pytest.raises(PersoncarError):
-        download_dataset(http_server.url, dest, cache_dir=cache, retries=0, **FAST)
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
     new = build_archive(tag="v2")
     http_server.set_data(new, '"v2"')  # If-Range no longer matches: the server sends all of v2
-    m = download_dataset(http_server.url, dest, cache_dir=cache, retries=0, **FAST)
+    m = download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
     assert m["sha256"] == sha(new)
     assert json.loads((dest / m["annotations_file"]).read_text())["tag"] == "v2"
 
 
-def test_http_transient_errors_are_retried(http_server, archive, ws, caplog):
+def test_partial_file_of_a_resized_object_under_the_same_etag_is_not_stitched(http_server, archive, ws):
+    dest, cache = ws
+    http_server.drop_next = 1
+    with pytest.raises(PersoncarError):
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+    new = build_archive(n=N_IMAGES + 2, tag="v2")
+    http_server.set_data(new, '"v1"')  # the ETag did not change: If-Range cannot tell
+    with pytest.raises(PersoncarError, match=rf"its size changed from {len(archive)} to {len(new)} bytes"):
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+    assert not dest.exists() and not [p for p in cache.iterdir() if ".part" in p.name]
+    m = download_dataset(http_server.url, dest, cache_dir=cache, **FAST)  # the next attempt starts again
+    assert m["sha256"] == sha(new) and m["images"] == N_IMAGES + 2
+
+
+def test_http_transient_errors_fail_each_attempt_cleanly_until_one_succeeds(http_server, archive, ws):
     dest, cache = ws
     http_server.fail_next = [503, 502]
-    caplog.set_level(logging.WARNING, logger="personcar")
-    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, retries=2, **FAST)
+    for status, reason in ((503, "Service Unavailable"), (502, "Bad Gateway")):  # Airflow's retries, in effect
+        with pytest.raises(PersoncarError) as ei:
+            download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
+        assert str(ei.value) == f"cannot download {http_server.url}: HTTP {status} {reason}"
+        assert isinstance(ei.value.__cause__, urllib.error.HTTPError)  # the cause stays for the task log
+        assert not dest.exists() and cache_files(cache) == []
+    m = download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
     assert_extracted(dest, archive, m)
     assert len(http_server.requests) == 3
-    assert "HTTP 503" in caplog.text and "retry 1/2" in caplog.text and "retry 2/2" in caplog.text
 
 
-def test_http_gives_up_after_the_retries(http_server, ws):
+def test_http_attempt_makes_one_request_and_no_retries_of_its_own(http_server, ws, caplog):
     dest, cache = ws
     http_server.fail_next = [503] * 10
-    with pytest.raises(PersoncarError, match=r"HTTP 503 .*\(gave up after 2 retries\)$"):
-        download_dataset(http_server.url, dest, cache_dir=cache, retries=2, **FAST)
-    assert len(http_server.requests) == 3
+    caplog.set_level(logging.INFO, logger="personcar")
+    with pytest.raises(PersoncarError, match=r"^cannot download .*: HTTP 503 Service Unavailable$"):
+        download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+    assert len(http_server.requests) == 1
+    assert "retry" not in caplog.text
     assert not dest.exists()
 
 
 def test_http_not_found_is_not_retried(http_server, ws):
     dest, cache = ws
     with pytest.raises(PersoncarError, match=r"cannot download .*/data/missing\.tar\.gz: HTTP 404"):
-        download_dataset(http_server.base + "/data/missing.tar.gz", dest, cache_dir=cache, retries=3, **FAST)
+        download_dataset(http_server.base + "/data/missing.tar.gz", dest, cache_dir=cache, **FAST)
     assert len(http_server.requests) == 1
 
 
@@ -297,8 +328,11 @@ def test_http_connection_refused(ws):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(PersoncarError, match=r"Connection refused.*\(gave up after 1 retries\)"):
-        download_dataset(f"http://127.0.0.1:{port}/trainval.tar.gz", dest, cache_dir=cache, retries=1, **FAST)
+    with pytest.raises(PersoncarError, match=rf"^cannot download http://127\.0\.0\.1:{port}/trainval\.tar\.gz: "
+                                             r".*Connection refused$") as ei:
+        download_dataset(f"http://127.0.0.1:{port}/trainval.tar.gz", dest, cache_dir=cache, **FAST)
+    assert isinstance(ei.value.__cause__, urllib.error.URLError)
+    assert not dest.exists()
 
 
 def test_http_wrong_checksum_deletes_the_download(http_server, archive, ws):
@@ -348,7 +382,7 @@ def test_unreachable_source_falls_back_to_the_cached_archive(archive, ws, caplog
     download_dataset(url, dest, cache_dir=cache, **FAST)
     server.close()  # offline now: the change check cannot run
     caplog.set_level(logging.WARNING, logger="personcar")
-    m = download_dataset(url, dest, cache_dir=cache, retries=1, **FAST)
+    m = download_dataset(url, dest, cache_dir=cache, **FAST)
     assert m["reused_cache"] is True and m["sha256"] == sha(archive)
     assert "cannot check" in caplog.text and "reusing the cached archive" in caplog.text
 
@@ -537,9 +571,11 @@ def test_s3_endpoint_unreachable(ws):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(PersoncarError, match=r"^cannot download s3://bkt-x/trainval\.tar\.gz: .*Could not connect "
-                                             r"to the endpoint URL.*\(gave up after 1 retries\)$"):
+                                             r"to the endpoint URL") as ei:
         download_dataset("s3://bkt-x/trainval.tar.gz", dest, endpoint_url=f"http://127.0.0.1:{port}",
-                         anonymous=True, cache_dir=cache, retries=1, **FAST)
+                         anonymous=True, cache_dir=cache, **FAST)
+    assert isinstance(ei.value.__cause__, EndpointConnectionError)  # the cause stays for the task log
+    assert "\n" not in str(ei.value) and not dest.exists()
 
 
 class DroppingProxy:
@@ -613,8 +649,12 @@ def test_s3_download_resumes_after_the_connection_drops(s3, archive, ws, caplog)
     proxy = DroppingProxy(endpoint, drop_after=len(archive) // 2)
     caplog.set_level(logging.INFO, logger="personcar")
     try:
+        with pytest.raises(PersoncarError, match=r"bytes kept in the cache, the next run resumes$"):
+            download_dataset(f"s3://{bucket}/trainval.tar.gz", dest, sha256=sha(archive),
+                             endpoint_url=proxy.endpoint, cache_dir=cache, **FAST)
+        assert not dest.exists() and len(proxy.requests) == 1  # one request: no retry inside the attempt
         m = download_dataset(f"s3://{bucket}/trainval.tar.gz", dest, sha256=sha(archive),
-                             endpoint_url=proxy.endpoint, cache_dir=cache, retries=2, **FAST)
+                             endpoint_url=proxy.endpoint, cache_dir=cache, **FAST)  # the next attempt
     finally:
         proxy.close()
     assert_extracted(dest, archive, m)
@@ -634,14 +674,13 @@ def test_s3_partial_download_of_a_replaced_object_starts_again(s3, archive, ws, 
     try:
         with pytest.raises(PersoncarError, match=r"bytes kept in the cache, the next run resumes"):
             download_dataset(f"s3://{bucket}/trainval.tar.gz", dest, endpoint_url=proxy.endpoint,
-                             cache_dir=cache, retries=0, **FAST)
+                             cache_dir=cache, **FAST)
     finally:
         proxy.close()
     new = build_archive(tag="v2")
     client.put_object(Bucket=bucket, Key="trainval.tar.gz", Body=new)
     caplog.set_level(logging.INFO, logger="personcar")
-    m = download_dataset(f"s3://{bucket}/trainval.tar.gz", dest, endpoint_url=endpoint, cache_dir=cache,
-                         retries=0, **FAST)
+    m = download_dataset(f"s3://{bucket}/trainval.tar.gz", dest, endpoint_url=endpoint, cache_dir=cache, **FAST)
     assert m["sha256"] == sha(new)  # If-Match failed: no v1 prefix stitched onto v2
     assert "changed since the partial download" in caplog.text
 

@@ -231,10 +231,8 @@ def _run_train_task(kubeconfig: Path, *, gpus: int = 1, arguments: list[str] = T
     import pendulum
     from airflow.sdk import DAG
 
-    settings = TrainerPodSettings(
-        in_cluster=False, config_file=str(kubeconfig), cluster_context="kmock",
-        kubernetes_conn_id=None, namespace=NAMESPACE, gpus=gpus,
-    )
+    settings = TrainerPodSettings.load(in_cluster=False, config_file=str(kubeconfig), context="kmock",
+                                       conn_id=None, gpus=gpus, deferrable=False)
     with DAG("personcar_detection_k8s_test", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
         op = make_trainer_task(
             "train", arguments, settings,

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tasks.config import Settings
-from tasks.k8s import _FROM_ENV, TrainerPodSettings
+from tasks.k8s import DEFAULT_TEMPLATES, TrainerPodSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -81,18 +81,32 @@ def values_env(values: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _template(name: str = "trainer-gpu.yaml") -> dict[str, Any]:
+    return yaml.safe_load((DEFAULT_TEMPLATES / name).read_text(encoding="utf-8"))
+
+
+TEMPLATE = _template()
+TRAINER_SECRET = TEMPLATE["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
+
+
 def test_deploy_has_the_objects_the_trainer_needs() -> None:
     kinds = sorted((doc["kind"], doc["metadata"]["name"]) for _, _, doc in DOCUMENTS)
-    defaults = TrainerPodSettings()
     assert kinds == sorted([
-        ("Namespace", defaults.namespace),
-        ("ServiceAccount", defaults.service_account),
+        ("Namespace", TEMPLATE["metadata"]["namespace"]),
+        ("ServiceAccount", TEMPLATE["spec"]["serviceAccountName"]),
         ("Role", "personcar-pod-launcher"),
         ("RoleBinding", "personcar-pod-launcher"),
         ("PersistentVolumeClaim", "personcar-data"),
-        ("Secret", defaults.aws_secret),
+        ("Secret", TRAINER_SECRET),
         ("Secret", "personcar-airflow-connections"),
+        ("Pod", "personcar-trainer"),  # the pod templates
+        ("Pod", "personcar-worker"),
     ])
+    for name in ("trainer-gpu.yaml", "trainer-cpu.yaml"):  # both templates: the same identity and secret
+        t = _template(name)
+        assert t["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
+        assert t["spec"]["serviceAccountName"] == TEMPLATE["spec"]["serviceAccountName"]
+        assert t["spec"]["containers"][0]["envFrom"] == TEMPLATE["spec"]["containers"][0]["envFrom"]
 
 
 @pytest.mark.parametrize(("where", "index", "doc"), DOCUMENTS,
@@ -130,7 +144,7 @@ def test_trainer_service_account_mounts_no_api_token() -> None:
 
 
 def test_secret_templates_carry_no_values() -> None:
-    aws = _one("Secret", TrainerPodSettings().aws_secret)
+    aws = _one("Secret", TRAINER_SECRET)
     assert set(aws["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
     for secret in _objects("Secret"):
         assert "data" not in secret
@@ -195,7 +209,7 @@ def used_permissions(tmp_path_factory: pytest.TempPathFactory) -> set[tuple[str,
 
 def test_worker_role_grants_exactly_what_the_pod_operator_uses(used_permissions: set) -> None:
     role = _one("Role")
-    assert role["metadata"]["namespace"] == TrainerPodSettings().namespace
+    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no wildcards by name
@@ -246,22 +260,24 @@ def test_values_use_the_images_built_from_docker(values: dict[str, Any], values_
 def test_values_run_the_kubernetes_backend_on_an_s3_artifact_root(values: dict[str, Any],
                                                                   values_env: dict[str, str]) -> None:
     assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")
-    known = set(Settings.ENV.values()) | {var for var, _ in _FROM_ENV.values()}
+    known = set(Settings.env_names().values()) | {f"PERSONCAR_K8S_{f.upper()}" for f in TrainerPodSettings.model_fields}
     assert {k for k in values_env if k.startswith("PERSONCAR_")} <= known
-    settings = Settings.from_env(values_env)
+    settings = Settings.from_environ(values_env)
     assert settings.backend == "kubernetes"
     assert settings.artifact_root.startswith("s3://") and settings.aws_conn_id == "aws_default"
 
 
-def test_values_trainer_pods_match_the_manifests(values_env: dict[str, str]) -> None:
-    pod = TrainerPodSettings.from_env(values_env)
-    assert pod.namespace == _one("Namespace")["metadata"]["name"]
-    assert pod.service_account == _one("ServiceAccount")["metadata"]["name"]
-    assert pod.aws_secret == _one("Secret", pod.aws_secret)["metadata"]["name"]
-    assert pod.in_cluster is True and pod.kubernetes_conn_id is None
+def test_values_trainer_pods_match_the_manifests(values_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in values_env.items():
+        monkeypatch.setenv(k, v)
+    pod = TrainerPodSettings.load()
+    assert pod.in_cluster is True and pod.conn_id is None and pod.deferrable is True
     assert pod.gpus >= 1 and pod.startup_timeout_seconds >= 900
-    assert pod.node_selector and pod.tolerations  # the GPU node pool
-    assert _one("PersistentVolumeClaim")["metadata"]["namespace"] == pod.namespace
+    assert str(pod.pod_templates) == "/opt/airflow/pod-templates"  # where the Airflow image puts them
+    dockerfile = (REPO / "docker" / "airflow.Dockerfile").read_text(encoding="utf-8")
+    assert "COPY --chown=airflow:0 deploy/k8s/pod-templates/ /opt/airflow/pod-templates/" in dockerfile
+    assert TEMPLATE["spec"]["nodeSelector"] and TEMPLATE["spec"]["tolerations"]  # the GPU node pool
+    assert _one("PersistentVolumeClaim")["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
 
 
 def test_values_take_the_aws_connection_from_a_secret_and_hold_no_credentials(values: dict[str, Any]) -> None:
@@ -294,7 +310,7 @@ def test_values_set_resources_and_remote_logs(values: dict[str, Any]) -> None:
         assert resources["limits"]["memory"], component
     logging = values["config"]["logging"]
     assert logging["remote_logging"] == "True" and logging["remote_base_log_folder"].startswith("s3://")
-    assert logging["remote_log_conn_id"] == Settings.from_env(
+    assert logging["remote_log_conn_id"] == Settings.from_environ(
         {i["name"]: i["value"] for i in values["env"]}).aws_conn_id
 
 
@@ -326,6 +342,7 @@ def dag_with_values(values_env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PERSONCAR_"))}
         env.update(values_env)
+        env["PERSONCAR_K8S_POD_TEMPLATES"] = str(DEFAULT_TEMPLATES)  # baked at /opt/airflow/pod-templates in the image
         env.update({"AIRFLOW_HOME": home, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
         out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True,
@@ -349,14 +366,16 @@ def test_dag_parsed_with_the_values_runs_tensorflow_stages_as_trainer_pods(dag_w
             kubernetes_validate.validate(pod, version, strict=True)
         spec = pod["spec"]
         container = spec["containers"][0]
-        assert pod["metadata"]["namespace"] == values_env["PERSONCAR_K8S_NAMESPACE"]
-        assert spec["serviceAccountName"] == values_env["PERSONCAR_K8S_SERVICE_ACCOUNT"]
+        assert pod["metadata"]["namespace"] == _one("Namespace")["metadata"]["name"]
+        assert spec["serviceAccountName"] == _one("ServiceAccount")["metadata"]["name"]
         assert container["image"] == values_env["PERSONCAR_K8S_IMAGE"]
-        assert container["envFrom"] == [{"secretRef": {"name": values_env["PERSONCAR_K8S_AWS_SECRET"]}}]
+        assert container["envFrom"] == [{"secretRef": {"name": TRAINER_SECRET}}]
         assert container["resources"].get("limits", {}).get("nvidia.com/gpu", "0") == str(gpus[task_id]), task_id
         if gpus[task_id]:
-            assert spec["nodeSelector"] == json.loads(values_env["PERSONCAR_K8S_NODE_SELECTOR"])
-            assert spec["tolerations"] == json.loads(values_env["PERSONCAR_K8S_TOLERATIONS"])
+            assert spec["nodeSelector"] == TEMPLATE["spec"]["nodeSelector"]
+            assert spec["tolerations"] == TEMPLATE["spec"]["tolerations"]
+        else:
+            assert not spec.get("nodeSelector") and not spec.get("tolerations")
         # What the namespace's "restricted" Pod Security Standard requires of every pod.
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -383,7 +402,7 @@ SWEEP_PROBE = textwrap.dedent(
         expand = getattr(task, "expand_input", None)
         tasks[task.task_id] = {"class": type(task).__name__, "operator": task.operator_name,
                                "arguments": expand.value.get("arguments") if expand else None,
-                               "namespace": task.partial_kwargs.get("namespace"),
+                               "pod_template_file": task.partial_kwargs.get("pod_template_file"),
                                "image": task.partial_kwargs.get("image"),
                                "downstream": sorted(task.downstream_task_ids)}
     print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "tasks": tasks}))
@@ -400,6 +419,7 @@ def test_backbone_sweep_example_in_the_docs_parses_into_mapped_trainer_pods(valu
     (tmp_path / "dags" / "personcar_backbone_sweep.py").write_text(blocks[0], encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PERSONCAR_"))}
     env.update(values_env)
+    env["PERSONCAR_K8S_POD_TEMPLATES"] = str(DEFAULT_TEMPLATES)
     env.update({"AIRFLOW_HOME": str(tmp_path / "home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
     out = subprocess.run([sys.executable, "-c", SWEEP_PROBE, str(tmp_path / "dags")], env=env, capture_output=True,
@@ -411,7 +431,7 @@ def test_backbone_sweep_example_in_the_docs_parses_into_mapped_trainer_pods(valu
     assert sorted(tasks) == ["evaluate", "train"] and tasks["train"]["downstream"] == ["evaluate"]
     for task in tasks.values():
         assert task["class"] == "MappedOperator" and task["operator"] == "KubernetesPodOperator"
-        assert task["namespace"] == values_env["PERSONCAR_K8S_NAMESPACE"]
+        assert task["pod_template_file"].endswith(("trainer-gpu.yaml", "trainer-cpu.yaml"))
         assert task["image"] == values_env["PERSONCAR_K8S_IMAGE"]
     backbones = [args[args.index("--backbone") + 1] for args in tasks["train"]["arguments"]]
     assert backbones == ["resnet50", "resnet101", "resnet152"]

@@ -96,13 +96,28 @@ def test_bad_params_give_one_clear_line(params: dict, message: str) -> None:
     assert message in text and "\n" not in text and text.startswith("invalid run configuration: ")
 
 
-def test_settings_from_environment_and_overrides() -> None:
-    st = Settings.from_env({"PERSONCAR_ARTIFACT_ROOT": "s3://b/p", "PERSONCAR_EXECUTION_BACKEND": "kubernetes"})
-    assert st.artifact_root == "s3://b/p" and st.backend == "kubernetes"
+def test_settings_from_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONCAR_ARTIFACT_ROOT", "s3://b/p")
+    monkeypatch.setenv("PERSONCAR_EXECUTION_BACKEND", "kubernetes")
+    monkeypatch.setenv("PERSONCAR_S3_ENDPOINT_URL", "")  # empty: unset
+    st = Settings.load()
+    assert st.artifact_root == "s3://b/p" and st.backend == "kubernetes" and st.s3_endpoint_url is None
     assert st.default_publish_dest() == "s3://b/p/published"
-    assert Settings.from_env({}, artifact_root="/x").artifact_root == "/x"
+    assert Settings.load(artifact_root="/x").artifact_root == "/x"
+    assert Settings.from_environ({"PERSONCAR_AWS_CONN_ID": "aws_prod"}).aws_conn_id == "aws_prod"
+    monkeypatch.setenv("PERSONCAR_EXECUTION_BACKEND", "slurm")
     with pytest.raises(PersoncarError, match="backend"):
-        Settings.from_env({"PERSONCAR_EXECUTION_BACKEND": "slurm"})
+        Settings.load()
+
+
+def test_airflow_variables_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk import Variable
+
+    monkeypatch.setenv("PERSONCAR_ARTIFACT_ROOT", "/from/env")
+    monkeypatch.setattr(Variable, "get", staticmethod(
+        lambda key, default=None: {"personcar_artifact_root": "s3://from/variable"}.get(key, default)))
+    st = Settings.load()
+    assert st.artifact_root == "s3://from/variable" and st.aws_conn_id == "aws_default"
 
 
 def test_run_folders_are_unique_per_run_id() -> None:

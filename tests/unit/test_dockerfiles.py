@@ -402,7 +402,13 @@ def test_cuda_pins_are_tensorflows_own_cuda_requirements() -> None:
 
 
 def test_trainer_entrypoint_is_the_cli() -> None:
-    from tasks.k8s import CLI, TRAINER_UID
+    import yaml
+
+    from tasks.k8s import CLI, DEFAULT_TEMPLATES
+
+    uids = {yaml.safe_load((DEFAULT_TEMPLATES / n).read_text())["spec"]["securityContext"]["runAsUser"]
+            for n in ("trainer-gpu.yaml", "trainer-cpu.yaml")}
+    (TRAINER_UID,) = uids  # the pod templates run the image's user
 
     last = final_stage(read_dockerfile(TRAINER))
     (entrypoint,) = [i.args for i in last if i.keyword == "ENTRYPOINT"]

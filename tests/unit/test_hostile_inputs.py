@@ -359,7 +359,8 @@ def test_publish_run_id_that_cannot_name_a_folder(tmp_path: Path, capsys: pytest
     ("--log-every", "0", "must be an integer >= 1"),
     ("--checkpoint-every", "-5", "must be an integer >= 1"),
     ("--gpus", "-1", "must be an integer >= 0"),
-    ("--steps", "ten", "must be an integer >= 1"),
+    ("--steps", "ten", "must be an integer between 1 and 1000000"),
+    ("--learning-rate", "0", "must be a number > 0 and <= 10"),
 ])
 def test_train_values_fail_at_argument_parsing_before_tensorflow(option: str, value: str, rule: str,
                                                                  tmp_path: Path) -> None:
@@ -378,7 +379,7 @@ def test_other_option_values_are_checked_too(tmp_path: Path, capsys: pytest.Capt
         (["tfrecords", "--annotations", "a", "--images", "i", "--out", "o", "--val-fraction", "nan"],
          "argument --val-fraction: must be a number between 0 and 1, got 'nan'"),
         (["tfrecords", "--annotations", "a", "--images", "i", "--out", "o", "--num-shards", "0"],
-         "argument --num-shards: must be an integer >= 1, got '0'"),
+         "argument --num-shards: must be an integer between 1 and 1024, got '0'"),
         (["validate", "--annotations", "a", "--out", "o", "--max-quarantine-fraction", "2"],
          "argument --max-quarantine-fraction: must be a number between 0 and 1, got '2'"),
     ):

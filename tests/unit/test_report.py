@@ -9,19 +9,22 @@ import re
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tasks.config import RunConfig
 from tasks.errors import PersoncarError
 from tasks.evaluate import evaluate
-from tasks.report import BASELINE, MAP50, MAP75, build_report, read_scalars
+from tasks.publish import gate_verdict, previous_run, publish
+from tasks.report import BASELINE, MAP, MAP50, MAP75, build_report, decision, read_scalars
 
 EVIL_CLASS = "<script>alert(1)</script>"
 EVIL_FILE = 'a"<>&.jpg'
 REPO = Path(__file__).resolve().parents[2]
+SOURCE = "https://evp-ml-data.s3.us-east-2.amazonaws.com/ml-interview/openimages-personcar/trainval.tar.gz"
+GATE = {"metric": MAP50, "margin": 0.01}
 
 
 # --------------------------------------------------------------------------- fake run folder
@@ -79,11 +82,11 @@ def make_fake_run(root: Path) -> Path:
     """A run folder with every part a real run has, small enough for a unit test."""
     run = root / "run"
     (run / "download" / "trainval" / "images").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({
-        "run_id": "manual__2026-11-25T10:00:00", "model": "retinanet", "backbone": "resnet152",
-        "steps": 30, "batch_size": 2, "image_size": 256,
-        "source": "https://evp-ml-data.s3.us-east-2.amazonaws.com/ml-interview/openimages-personcar/trainval.tar.gz",
-        "gate": {"margin": 0.01}}))
+    cfg = RunConfig(dataset_source=SOURCE, backbone="resnet152", steps=30, batch_size=2, image_size=256,
+                    promotion_margin=0.01)
+    (run / "config.json").write_text(json.dumps({  # as the publish_report task writes it
+        "run_id": "manual__2026-11-25T10:00:00", **cfg.model_dump(), "resolved": cfg.resolved(),
+        "backend": "local", "publish_dest": "file:///srv/personcar/published"}))
     (run / "download" / "download_manifest.json").write_text(json.dumps({
         "source": "s3://bucket/trainval.tar.gz", "sha256": "ab" * 32, "size_bytes": 123456, "images": 5}))
     (run / "validate" / "data_docs").mkdir(parents=True)
@@ -146,60 +149,114 @@ def data_uri_pngs(page: str) -> list[bytes]:
 # --------------------------------------------------------------------------- tests
 
 
+def published_before(run: Path, dest: Path, map50: float) -> dict:
+    """A promoted run published to ``dest`` (its metrics.json scaled from this run's); its index entry."""
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    earlier = {k: (v * map50 / metrics[MAP50] if v != -1 else v) for k, v in metrics.items()}
+    src = run.parent / "earlier"
+    src.mkdir()
+    (src / "metrics.json").write_text(json.dumps(earlier))
+    (src / "report.html").write_text("<p>earlier</p>")
+    publish(src, str(dest), run_id="scheduled__2026-11-18", gate=GATE)
+    return previous_run(str(dest))
+
+
 def test_report_from_a_full_run(run: Path) -> None:
     from PIL import Image
 
     out = run / "report"
-    previous = {"run_id": "scheduled__2026-11-18", "metrics": {MAP50: 0.5, MAP75: 0.25}}
-    gate = {"promoted": True, "reason": "mAP@.50IOU beats the last promoted run by 0.01", "margin": 0.01}
-    res = build_report(run, out, previous=previous, gate=gate)
+    previous = published_before(run, run.parent / "published", map50=0.5)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    res = build_report(run, out, previous=previous, gate=gate_verdict(metrics, previous, GATE))
 
     assert sorted(res["files"]) == [
         "data_docs/index.html", "loss_curves.png", "metrics.json", "pr_curves.png", "report.html", "report.md",
         "sample_detections.png"]
-    assert (out / "data_docs" / "index.html").is_file() and 'href="data_docs/index.html"' in (out / "report.html").read_text()
     assert res["not_available"] == [] and res["promoted"] is True
     assert res["html"] == str(out / "report.html") and res["markdown"] == str(out / "report.md")
-    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert (out / "metrics.json").read_bytes() == (run / "evaluate" / "metrics.json").read_bytes()
-    assert res["metrics"]["mAP@.50IOU"] == metrics[MAP50]
+    assert res["metrics"] == {"mAP": metrics[MAP], "mAP@.50IOU": metrics[MAP50], "mAP@.75IOU": metrics[MAP75]}
 
     page = (out / "report.html").read_text()
-    # Metric values, the seed's baseline, the previous run and the verdict.
+    # The full COCO table: 4 decimals, against the seed's baseline and the promoted run.
     for key in (MAP50, MAP75, "DetectionBoxes_Recall/AR@100"):
         assert f"{metrics[key]:.4f}" in page
     assert f"{metrics[MAP50] - 0.5:+.4f}" in page and f"{metrics[MAP50] - BASELINE[MAP50]:+.4f}" in page
-    assert "0.0380" in page and "0.0042" in page and "scheduled__2026-11-18" in page
-    assert "PROMOTED" in page and "beats the last promoted run" in page
-    assert "resnet152" in page and "zero-width box" in page and "bbox_positive_size" in page
+    assert "0.0380" in page and "0.0042" in page and "zero-width box" in page and "bbox_positive_size" in page
 
     # Self-contained: no script, no stylesheet link, no external src/href; plots inline as PNGs.
     assert not re.search(r"<\s*script", page, re.I)
     assert not re.search(r"<\s*link", page, re.I) and "@import" not in page and "url(" not in page
-    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:)?//""", page, re.I)
-    assert all(s.startswith("data:") for s in re.findall(r'src="([^"]*)"', page))
+    assert 'http-equiv="Content-Security-Policy" content="default-src &#39;none&#39;; img-src data:;' in page
+    assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'src="([^"]*)"', page))
     pngs = data_uri_pngs(page)
     assert len(pngs) == 3
     for png in pngs:
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.size[0] >= 300
             assert len(set(im.convert("RGB").getdata())) > 50  # not a blank picture
-    # The download source URL stays plain text.
-    assert "https://evp-ml-data" in page and 'href="https://' not in page
-
-    # The Data Docs link is relative and points at the file.
+    # The only link is the Data Docs copy inside the report folder (works once published); URLs stay text.
     hrefs = re.findall(r'href="([^"]*)"', page)
-    assert hrefs == ["data_docs/index.html"]  # a copy inside the report folder: works once published
+    assert hrefs == ["data_docs/index.html"] and SOURCE in page
     assert (out / hrefs[0]).read_bytes() == (run / "validate" / "data_docs" / "index.html").read_bytes()
 
     # Labels and file names from the data are escaped, in HTML and in Markdown.
-    assert EVIL_CLASS not in page and "alert(1)</" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert EVIL_FILE not in page and "a&quot;&lt;&gt;&amp;.jpg" in page
+    assert EVIL_CLASS not in page and "alert(1)</" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert EVIL_FILE not in page and "a&#34;&lt;&gt;&amp;.jpg" in page
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     md = (out / "report.md").read_text()
     assert EVIL_CLASS not in md and "&lt;script&gt;" in md and "![Training loss curves](loss_curves.png)" in md
-    assert f"{metrics[MAP50]:.4f}" in md
+    assert f"{metrics[MAP50]:.4f}" in md and "<b>" not in md
+
+
+def test_the_top_says_whether_to_ship_it(run: Path) -> None:
+    """Decision in words, headline rounded with the change against the promoted run, per class side by
+    side, parameters with readable names and values, warnings as sentences."""
+    previous = published_before(run, run.parent / "published", map50=0.5)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    build_report(run, run / "report", previous=previous, gate=gate_verdict(metrics, previous, GATE))
+    page = (run / "report" / "report.html").read_text()
+    top = page[page.index("<main>"):page.index('id="parameters"')]
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", top.replace("</strong>", "")))
+
+    m50, person = metrics[MAP50], "DetectionBoxes_PerformanceByCategory/mAP@.50IOU/person"
+    assert (f"Promoted: mAP@.50IOU {m50:.3f} beats the promoted run scheduled__2026-11-18 "
+            f"(0.500) by {m50 - 0.5:.3f}, more than the margin 0.010.") in text
+    assert f"mAP@.50IOU {m50:.3f} 0.500 {m50 - 0.5:+.3f} 0.038" in text
+    assert f"{metrics[MAP50]:.4f}" not in text  # the headline is rounded
+    earlier = metrics[person] * 0.5 / m50
+    assert f"person AP {metrics['DetectionBoxes_PerformanceByCategory/mAP/person']:.3f}" in text
+    assert f"AP@.50 {metrics[person]:.3f} {earlier:.3f} {metrics[person] - earlier:+.3f}" in text
+    assert 'class="num better"' in top
+    assert "1 annotation was quarantined by validation and left out of training." in text
+    assert "Validation noted 1 warning about the data (see Validation)." in text
+    md = (run / "report" / "report.md").read_text()
+    assert f"**Promoted:** mAP@.50IOU {m50:.3f} beats the promoted run scheduled__2026-11-18 (0.500)" in md
+    assert f"| mAP@.50IOU | {m50:.3f} | 0.500 | {m50 - 0.5:+.3f} | 0.038 |" in md and "| person | AP |" in md
+
+    params = page[page.index('id="parameters"'):page.index('id="dataset"')]
+    rows = dict(re.findall(r'<div class="k">([^<]*)</div><div class="v">([^<]*)</div>', params))
+    assert rows["Model"] == "ssd_resnet152_v1_fpn_640x640" and rows["Backbone"] == "resnet152"
+    assert rows["Batch per GPU"] == "2" and rows["Steps"] == "30" and rows["Expected SHA-256"] == "not checked"
+    assert rows["Global batch"] == "2 (derived)" and rows["Peak learning rate"].endswith("(model default)")
+    assert rows["Promotion margin"] == "0.01" and rows["Augmentation"] == "yes"
+    assert not [k for k in rows if "." in k or "_" in k] and "None" not in params and "resolved" not in params
+
+
+@pytest.mark.parametrize(("metrics", "previous", "expected"), [
+    ({MAP50: 0.712}, {"run_id": "r1", "metrics": {"mAP@.50IOU": 0.69}},
+     "Promoted: mAP@.50IOU 0.712 beats the promoted run r1 (0.690) by 0.022, more than the margin 0.010."),
+    ({MAP50: 0.695}, {"run_id": "r1", "metrics": {"mAP@.50IOU": 0.69}},
+     "Not promoted: mAP@.50IOU 0.695 beats the promoted run r1 (0.690) by only 0.005, not more than the margin "
+     "0.010."),
+    ({MAP50: 0.65}, {"run_id": "r1", "metrics": {"mAP@.50IOU": 0.69}},
+     "Not promoted: mAP@.50IOU 0.650 is below the promoted run r1 (0.690) by 0.040."),
+    ({MAP50: 0.3}, None, "Promoted: the first run to pass the gate: mAP@.50IOU 0.300 is above 0."),
+    ({MAP50: 0.0}, None, "Not promoted: mAP@.50IOU 0.000 is not above 0, which a first promoted run must be."),
+])
+def test_the_gate_decision_in_words(metrics: dict, previous: dict | None, expected: str) -> None:
+    d = decision(gate_verdict(metrics, previous, GATE))
+    assert f"{d['word']}: {d['text']}" == expected
 
 
 def test_report_of_a_run_with_only_metrics(tmp_path: Path) -> None:
@@ -212,8 +269,9 @@ def test_report_of_a_run_with_only_metrics(tmp_path: Path) -> None:
         "samples", "error_analysis"}
     assert res["promoted"] is None
     page = (tmp_path / "out" / "report.html").read_text()
-    assert "0.1235" in page and page.count("not available") >= 9
+    assert "0.1235" in page and "0.123" in page and page.count("not available") >= 9
     assert "n/a" in page  # -1 shown as "no ground truth in the bucket", not as a number
+    assert "No quality gate decision" in page and "No promoted run to compare with." in page
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "report.html", "report.md"]
 
 
@@ -226,7 +284,7 @@ def test_damaged_optional_parts_do_not_crash(run: Path, tmp_path: Path) -> None:
     assert "validation" in res["not_available"] and "samples" in res["not_available"]
     assert "loss_curves" not in res["not_available"]
     page = (tmp_path / "out" / "report.html").read_text()
-    assert "validation.json: unreadable" in page and "NOT PROMOTED" in page
+    assert "validation.json is unreadable (JSONDecodeError)" in page and "Not promoted:</strong> below margin" in page
 
 
 def test_missing_metrics_is_a_user_error(tmp_path: Path) -> None:
@@ -287,8 +345,7 @@ def test_read_scalars_matches_eventaccumulator_on_tensorflow_files(tmp_path: Pat
         for step in (10, 20):
             v1.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(
                 tag="Loss/total_loss", simple_value=1.0 / step)]), step)
-        v1.close()
-    time.sleep(0.1)
+        v1.close()  # flushes: the files are complete here
 
     ours = read_scalars(tmp_path / "train")
     acc = ea.EventAccumulator(str(tmp_path / "train" / "train"), size_guidance={ea.TENSORS: 0})
@@ -328,7 +385,9 @@ def test_report_says_where_training_started_which_step_was_exported_and_the_anch
     assert "981 variables of the backbone+decoder+head loaded" in page
     assert "Exported: step 20, the best mAP@.50IOU on the val split during training (0.6100) of 3 validations" in page
     assert "validation_curve.png" in out["files"] and "validation" not in out["not_available"]
+    assert len(data_uri_pngs(page)) == 4
     assert f"{cov['coverage']:.1%} of {cov['boxes']:,} validated boxes have an anchor" in page
+    assert f"<li>Anchor coverage: Only {cov['coverage']:.1%} of" in page  # among the warnings at the top
     assert "a larger image size or smaller anchors fit this data better" in page
     md_text = (run / "report" / "report.md").read_text()
-    assert "Exported: step 20" in md_text and "Warning:" in md_text
+    assert "Exported: step 20" in md_text and "**Warning:**" in md_text and "![Validation mAP" in md_text
