@@ -10,6 +10,7 @@ import fnmatch
 import json
 import re
 import shlex
+import sys
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -381,6 +382,82 @@ def test_pip_in_the_image_accepts_every_locked_requires_python(dockerfile: Path)
     else:
         assert excluded == set(), f"pip in {dockerfile.name} refuses {excluded} on Python {python}"
         assert "--ignore-requires-python" not in install_line_flags(dockerfile)
+
+
+def _cli_imports() -> dict[str, set[tuple[str, bool]]]:
+    """Third-party top-level modules imported by ``tasks.cli`` and every project module it reaches,
+    each with (importing project module, whether at module level). Imports inside functions count
+    too; imports guarded by ``except ImportError`` are optional and left out."""
+    def module_file(name: str) -> Path | None:
+        base = REPO / name.replace(".", "/")
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def guarded(tree: ast.AST) -> set[int]:
+        ids = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers):
+                ids |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        return ids
+
+    found: dict[str, set[tuple[str, bool]]] = {}
+    seen: set[str] = set()
+    stack = ["tasks.cli"]
+    while stack:
+        name = stack.pop()
+        path = module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        tree = ast.parse(path.read_text())
+        optional = guarded(tree)
+        module_level = {id(n) for n in tree.body}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    targets = [f"{base}.{node.module}" if node.module else base]
+                else:
+                    targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                top = target.partition(".")[0]
+                if top in ("tasks", "data_checks"):
+                    stack.append(target)
+                elif top not in sys.stdlib_module_names and top != "__future__" and id(node) not in optional:
+                    found.setdefault(top, set()).add((name, id(node) in module_level))
+    return found
+
+
+@pytest.mark.xfail(strict=True, reason="tasks/config.py imports pydantic_settings, which pyproject.toml does not "
+                   "declare (the development environment has it through Airflow; the trainer image does not): "
+                   "`personcar --help` fails in the built image. Declare pydantic-settings, then drop this mark.")
+def test_the_trainer_install_provides_every_module_the_cli_imports() -> None:
+    """What `personcar` imports in the trainer image must come from the trainer's install line, not
+    from packages that only the development environment (with Airflow) happens to have. Airflow
+    itself may only be imported inside functions (the DAG-side helpers, which the CLI never calls)."""
+    instructions = read_dockerfile(TRAINER)
+    constraints, requirements = pip_install(instructions)
+    pins: dict[str, str] = {}
+    for path in constraints:
+        pins.update(read_pins(REPO / path))
+    installed = set(resolve_closure(parse_install_args(requirements), pins).versions)
+    providers = metadata.packages_distributions()
+    imports = _cli_imports()
+    assert {"tensorflow", "official", "pycocotools", "great_expectations"} <= set(imports)  # the walk works
+    at_module_level = sorted(m for m, top in imports.pop("airflow", set()) if top)
+    assert at_module_level == [], f"the CLI cannot start without Airflow: imported at module level by {at_module_level}"
+    missing = {module: sorted(m for m, _ in importers) for module, importers in imports.items()
+               if not {canonicalize_name(d) for d in providers.get(module, [])} & installed}
+    assert missing == {}, f"imported by the CLI but not installed in the trainer image: {missing}"
 
 
 def test_cuda_pins_are_tensorflows_own_cuda_requirements() -> None:
