@@ -16,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 200, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
 
-.PHONY: install demo test lock system-deps clean
+.PHONY: install demo test lock system-deps image-check clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ system-deps:  ## headless Chromium for the browser tests (Debian)
 test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Opt-in, not part of `make test`: builds docker/trainer.Dockerfile for real with buildah (root;
+# downloads TensorFlow and the CUDA wheels, several GB) and runs the CLI and a tiny training run in it.
+image-check:  ## build the trainer image and run it (docker/image_check.sh)
+	bash docker/image_check.sh
 
 clean:
 	rm -rf $(DEMO) .airflow .pytest_cache

@@ -11,9 +11,20 @@
 # own supported route for GPUs on Linux is `tensorflow[and-cuda]`: CUDA, cuDNN and NCCL come as
 # pip wheels, so no CUDA base image is needed either; the NVIDIA driver is mounted into the
 # container by the node's NVIDIA container toolkit when the pod requests `nvidia.com/gpu`.
+#
+# Build arguments (both optional; production builds pass neither):
+#   BASE_IMAGE  the Python 3.11 Debian bookworm image both stages start from. The default is the
+#               official one; `make image-check` passes a stand-in built from Debian's packages
+#               where no registry can be reached (docker/image_check.sh).
+#   PIP_CERT    a CA bundle for pip in the install step, for networks that intercept TLS. Pass it
+#               with the file mounted from the build host, e.g. with buildah:
+#                 --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro
+#                 --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+#               It is read by that RUN step only: neither the file nor the variable is in the image.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # ---- build: a virtual environment with the project and its locked training dependencies -------
-FROM python:3.11.13-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -30,14 +41,27 @@ COPY tasks/ tasks/
 COPY data_checks/ data_checks/
 
 # Every version comes from requirements/lock.txt (the CUDA wheels from docker/trainer-cuda.txt).
+# PIP_CERT (an ARG, so an environment variable of this step only; empty means pip's own CA
+# bundle) is declared here so that no other step sees it.
+# --ignore-requires-python: the lock (resolved by uv, which reads only lower bounds of
+# Requires-Python) pins backports-strenum 1.3.1, a dependency of tf-models-official's
+# ai-edge-litert that declares Python <3.11 because 3.11 has enum.StrEnum itself; pip refuses it
+# without this flag. Every version is pinned, so the flag changes nothing else, and the
+# development environment (uv) installs the same set. tests/unit/test_dockerfiles.py fails if
+# another locked package of the image excludes the image's Python.
+# --use-pep517: the two locked source-only packages (seqeval, promise) are built as wheels in an
+# isolated build environment, as uv builds them for the development environment, whatever pip
+# version the base image's venv brings (pip 23.0's legacy `setup.py install` fails on seqeval).
+ARG PIP_CERT=""
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c requirements/lock.txt -c docker/trainer-cuda.txt \
+    && /opt/venv/bin/pip install --ignore-requires-python --use-pep517 \
+        -c requirements/lock.txt -c docker/trainer-cuda.txt \
         ".[train]" "tensorflow[and-cuda]==2.20.0" \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/personcar --help > /dev/null
 
 # ---- runtime --------------------------------------------------------------------------------------
-FROM python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="personcar-trainer" \
       org.opencontainers.image.description="personcar CLI with TensorFlow 2.20 (GPU)"
