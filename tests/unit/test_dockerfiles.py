@@ -437,9 +437,6 @@ def _cli_imports() -> dict[str, set[tuple[str, bool]]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="pyproject.toml does not declare packages the CLI imports (pydantic-settings "
-                   "for tasks/config.py; the development environment has them through Airflow, the trainer image "
-                   "does not, and `personcar --help` fails in the built image): declare them, then drop this mark")
 def test_the_trainer_install_provides_every_module_the_cli_imports() -> None:
     """What `personcar` imports in the trainer image must come from the trainer's install line, not
     from packages that only the development environment (with Airflow) happens to have. Airflow
