@@ -17,7 +17,6 @@ connection). Every failure is a :class:`StorageError` naming the location and th
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import shutil
@@ -102,7 +101,6 @@ def list_files(local: Path) -> list[tuple[str, Path]]:
 # Connections and errors
 
 
-@functools.cache
 def aws_hook(conn_id: str | None) -> Any:
     """The ``S3Hook`` of the Airflow connection ``conn_id``, or None when Airflow or the connection is
     absent and botocore's own chain (environment, profile, role) has credentials. Never anonymous:

@@ -474,8 +474,19 @@ def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, 
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("PERSONCAR_PUBLISH_DEST", dest)
+    import s3fs
 
-    (group,) = views.load_runs()  # no connection and no credentials: an error naming it, never anonymous
+    s3fs.S3FileSystem.clear_instance_cache()  # a process keeps its credentials; this test takes them away
+
+    # Playwright's sync API keeps an event loop running in this thread; the API server calls the view
+    # from its worker threads, where the connection's filesystem can start its own.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load_runs() -> list:
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(views.load_runs).result()
+
+    (group,) = load_runs()  # no connection and no credentials: an error naming it, never anonymous
     assert group["runs"] == [] and "AWS connection 'aws_default' is not defined" in group["error"]
     assert "never read anonymously" in group["error"]
 
@@ -483,12 +494,14 @@ def test_view_reads_s3_with_the_tasks_aws_connection(plugin_modules, s3_bucket, 
     monkeypatch.setenv("AIRFLOW_CONN_PERSONCAR_S3", json.dumps({
         "conn_type": "aws", "login": key, "password": secret,
         "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}}))
-    (group,) = views.load_runs()
+    (group,) = load_runs()
     assert group["error"] is None and group["dest"] == dest
     entries = group["runs"]
     assert [e["run_id"] for e in entries] == [published["run_id"]] and entries[0]["metrics"]["mAP@.50IOU"] == 0.41
     assert group["latest"]["run_id"] == published["run_id"]
-    signed = storage.presigned_url(f"{dest}/{entries[0]['report']}", **views.storage_where())
+    with ThreadPoolExecutor(1) as pool:
+        signed = pool.submit(lambda: storage.presigned_url(f"{dest}/{entries[0]['report']}",
+                                                           **views.storage_where())).result()
     assert signed.startswith(f"{endpoint}/{bucket}/") and "Signature" in signed
     with urllib.request.urlopen(signed, timeout=10) as resp:
         assert b"report scheduled__2026-11-23" in resp.read()
