@@ -86,7 +86,10 @@ def download_dataset(context: dict[str, Any], dataset: Any = None) -> str:
 
     cfg, out = run_config(context), run_location(context, "download")
     hook = storage.aws_hook(settings().aws_conn_id) if cfg.dataset_source.startswith("s3://") else None
-    kwargs = {"session": hook.get_session()} if hook is not None else {"endpoint_url": settings().s3_endpoint_url}
+    kwargs = {"endpoint_url": settings().s3_endpoint_url}
+    if hook is not None:  # the connection's session and endpoint, the hook's way
+        kwargs = {"session": hook.get_session(),
+                  "endpoint_url": hook.conn_config.get_service_endpoint_url(service_name="s3") or kwargs["endpoint_url"]}
     with staging() as st:
         manifest = download(cfg.dataset_source, st.output(out), sha256=cfg.dataset_sha256, **kwargs)
     if dataset is not None:
