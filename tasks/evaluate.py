@@ -111,6 +111,8 @@ def load_ground_truth(path: str | Path) -> dict[str, Any]:
     for i, img in enumerate(gt["images"]):
         if not isinstance(img, dict) or "id" not in img:
             raise PersoncarError(f"{path}: images[{i}] has no 'id'")
+        if img["id"] in image_ids:
+            raise PersoncarError(f"{path}: images[{i}] repeats image id {img['id']!r} (ids must be unique)")
         image_ids.add(img["id"])
     cat_ids = {c.get("id") for c in gt["categories"] if isinstance(c, dict)}
     for i, ann in enumerate(gt["annotations"]):
