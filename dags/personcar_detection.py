@@ -26,7 +26,8 @@ import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from tasks.config import PRODUCTION_SOURCE, dag_params
+from tasks.config import PRODUCTION_SOURCE
+from tasks.params import dag_params
 from tasks.dag_tasks import MACROS
 
 BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
