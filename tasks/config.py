@@ -193,7 +193,7 @@ class RunConfig(BaseModel):
         try:
             return cls(**known)
         except ValidationError as exc:
-            raise PersoncarError(format_validation_error(exc)) from None
+            raise PersoncarError(format_validation_error(exc)) from exc
 
     # -- resolved training settings ---------------------------------------------------------
     def model_defaults(self) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def _load_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from None
+        raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from e
 
 
 def _is_number(x: Any) -> bool:
@@ -90,7 +90,7 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PersoncarError(f"{path}: not valid JSON ({exc})") from None
+        raise PersoncarError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise PersoncarError(f"{path}: must be a JSON object of metric names to values")
     return data
@@ -246,7 +246,7 @@ def _iou_index(ev, iou: float) -> int:
 
 def metrics_from_eval(ev, categories: list[dict[str, Any]]) -> dict[str, float]:
     """OD API metric names from an evaluated COCOeval, plus AP per class (overall, .50, .75)."""
-    metrics = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats)}
+    metrics = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats, strict=True)}
     precision = ev.eval["precision"]  # [T, R, K, A, M]
     area_all = ev.params.areaRngLbl.index("all")
     max_det = len(ev.params.maxDets) - 1  # 100

@@ -485,8 +485,8 @@ def _check_gate(gate: dict | None) -> dict[str, Any]:
         raise PersoncarError(f"quality gate: 'metric' must be a metric name, got {metric!r}")
     try:
         margin = float(margin)
-    except (TypeError, ValueError):
-        raise PersoncarError(f"quality gate: 'margin' must be a number, got {margin!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise PersoncarError(f"quality gate: 'margin' must be a number, got {margin!r}") from exc
     if not math.isfinite(margin) or margin < 0:
         raise PersoncarError(f"quality gate: 'margin' must be a finite number >= 0, got {margin!r}")
     return {"metric": metric, "margin": margin}

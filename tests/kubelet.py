@@ -252,7 +252,7 @@ class Cluster:
             if not follow or run.finished.is_set():
                 return
             async with run.changed:
-                await run.changed.wait_for(lambda: len(run.log) > i or run.finished.is_set())
+                await run.changed.wait_for(lambda seen=i: len(run.log) > seen or run.finished.is_set())
 
     # -- the kubelet's part: an API client ------------------------------------------------------
     async def _get(self, path: str) -> dict[str, Any] | None:
@@ -286,7 +286,7 @@ class Cluster:
                             self._on_event(json.loads(raw))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - kept for the test to see, then the watch restarts
+            except Exception as exc:
                 self.errors.append(exc)
                 await asyncio.sleep(0.2)
 
@@ -305,7 +305,7 @@ class Cluster:
     async def _guarded(self, coro: Any) -> None:
         try:
             await coro
-        except Exception as exc:  # noqa: BLE001 - surfaced by Cluster.check()
+        except Exception as exc:
             self.errors.append(exc)
 
     def _container_status(self, c: dict[str, Any], state: dict[str, Any], *, ready: bool = False) -> dict[str, Any]:

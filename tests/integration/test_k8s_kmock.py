@@ -141,13 +141,13 @@ def run_task(op: Any, context: dict[str, Any]) -> Any:
     """Run the task as a worker does; a deferred task's trigger runs to its event, then the task resumes."""
     from airflow.sdk.exceptions import TaskDeferred
 
-    call = lambda: op.execute(context)  # noqa: E731
+    call = lambda: op.execute(context)
     while True:
         try:
             return call()
         except TaskDeferred as deferred:
             event = asyncio.run(_first_event(deferred.trigger))
-            call = lambda d=deferred, e=event: getattr(op, d.method_name)(context, e.payload)  # noqa: E731
+            call = lambda d=deferred, e=event: getattr(op, d.method_name)(context, e.payload)
 
 
 async def _first_event(trigger: Any) -> Any:
@@ -325,7 +325,7 @@ def test_a_killed_task_deletes_its_pod_and_the_kubelet_stops_the_container(kube:
     def worker() -> None:
         try:
             run_task(op, context)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+        except BaseException as exc:
             failure.append(exc)
 
     thread = threading.Thread(target=worker, daemon=True)
@@ -410,7 +410,7 @@ def test_node_lost_while_training_the_retry_resumes_from_the_last_checkpoint_in_
     def first_try() -> None:
         try:
             run_task(op, context)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+        except BaseException as exc:
             failure.append(exc)
 
     thread = threading.Thread(target=first_try, daemon=True)
