@@ -25,7 +25,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task, task_group
 
-from tasks.config import PRODUCTION_SOURCE, dag_params
+from tasks.config import PRODUCTION_SOURCE
+from tasks.params import dag_params
 from tasks.sweep import DEFAULT_CANDIDATES, DEFAULT_MARGIN
 from tasks.sweep_tasks import MACROS, clear_failure, record_failure
 
@@ -72,25 +73,25 @@ PARAMS = {
 )
 def personcar_backbone_sweep() -> None:
     @task(retries=0)  # a bad candidate list fails at once, before the download
-    def list_candidates(**context):  # noqa: ANN202, ANN003
+    def list_candidates(**context):
         from tasks import sweep_tasks
 
         return sweep_tasks.list_candidates(context)
 
     @task(outlets=[DATASET], **NETWORK_RETRIES)
-    def download_dataset(**context):  # noqa: ANN202, ANN003
+    def download_dataset(**context):
         from tasks import dag_tasks
 
         return dag_tasks.download_dataset(context, DATASET)
 
     @task(retries=0)
-    def validate_annotations(download, **context):  # noqa: ANN001, ANN202, ANN003
+    def validate_annotations(download, **context):
         from tasks import dag_tasks
 
         return dag_tasks.validate_annotations(context, download)
 
     @task(outlets=[MODEL], **NETWORK_RETRIES)
-    def publish_sweep(compared, **context):  # noqa: ANN001, ANN202, ANN003
+    def publish_sweep(compared, **context):
         from tasks import sweep_tasks
 
         return sweep_tasks.publish_sweep(context, compared, MODEL)
@@ -107,7 +108,7 @@ def personcar_backbone_sweep() -> None:
         validated >> tfrecords
 
         @task_group(group_id="candidate")
-        def candidate_pods(candidate):  # noqa: ANN001, ANN202  (the pods find theirs by map index)
+        def candidate_pods(candidate):
             sweep_stage("train") >> sweep_stage("evaluate")
 
         candidates = candidate_pods.expand(candidate=found)
@@ -117,7 +118,7 @@ def personcar_backbone_sweep() -> None:
         compared >> publish_sweep(None)
     else:
         @task
-        def build_tfrecords(validated, download, **context):  # noqa: ANN001, ANN202, ANN003
+        def build_tfrecords(validated, download, **context):
             from tasks import dag_tasks
 
             return dag_tasks.build_tfrecords(context, validated, download)
@@ -126,27 +127,27 @@ def personcar_backbone_sweep() -> None:
         # retried in place: compare reports it and a re-run of the sweep retrains it
         @task(retries=0, execution_timeout=timedelta(hours=12), max_active_tis_per_dagrun=1,
               map_index_template="{{ candidate_name }}", **CANDIDATE_CALLBACKS)
-        def train(candidate, tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
+        def train(candidate, tfrecords, **context):
             from tasks import sweep_tasks
 
             context["candidate_name"] = candidate["name"]
             return sweep_tasks.train_candidate(context, candidate, tfrecords)
 
         @task(map_index_template="{{ candidate_name }}", **CANDIDATE_CALLBACKS)
-        def evaluate(candidate, model, tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
+        def evaluate(candidate, model, tfrecords, **context):
             from tasks import sweep_tasks
 
             context["candidate_name"] = candidate["name"]
             return sweep_tasks.evaluate_candidate(context, candidate, model, tfrecords)
 
         @task(trigger_rule="all_done", retries=0)  # runs when every candidate is done, failed or not
-        def compare(tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
+        def compare(tfrecords, **context):
             from tasks import sweep_tasks
 
             return sweep_tasks.compare(context, tfrecords)
 
         @task_group(group_id="candidate")
-        def candidate_stages(candidate, tfrecords):  # noqa: ANN001, ANN202
+        def candidate_stages(candidate, tfrecords):
             evaluate(candidate, train(candidate, tfrecords), tfrecords)
 
         tfrecords = build_tfrecords(validated, downloaded)
