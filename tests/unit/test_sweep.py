@@ -263,6 +263,35 @@ def test_compare_refuses_duplicate_names_and_a_foreign_output_folder(sweep_folde
         compare_runs([("resnet50", str(sweep_folder / "resnet50"))], sweep_folder / "mine")
 
 
+def test_compare_writes_its_report_atomically_and_rewrites_it_in_place(sweep_folder: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.sweep_report
+
+    timer = FakeTimer({"resnet50": 40.0, "resnet152": 95.0}, {"resnet50": 1, "resnet152": 2})
+    runs = [(n, str(sweep_folder / n)) for n in ("resnet50", "resnet101", "resnet152")]
+    out = sweep_folder / "compare"
+    compare_runs(runs, out, data=str(sweep_folder / "tfrecords"), measure=timer)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["pr_curves.png", "report.html", "report.md", "sweep.json"]
+    before = {n: (out / n).read_bytes() for n in names}
+
+    def half_written(doc: dict, tmp: Path) -> None:  # the HTML is written, then the Markdown fails
+        (tmp / "report.html").write_text("<html>partial</html>")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tasks.sweep_report, "write_report", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        compare_runs(runs[:1], out, data=str(sweep_folder / "tfrecords"), measure=timer)
+    assert {n: (out / n).read_bytes() for n in sorted(p.name for p in out.iterdir())} == before  # untouched
+    assert [p.name for p in sweep_folder.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    monkeypatch.undo()
+
+    doc = compare_runs(runs[:1], out, data=str(sweep_folder / "tfrecords"), measure=timer)  # a re-run replaces
+    assert sorted(p.name for p in out.iterdir()) == names and doc["ranking"] == ["resnet50"]
+    assert json.loads((out / "sweep.json").read_text())["ranking"] == ["resnet50"]
+    assert "resnet152" not in (out / "report.md").read_text()
+
+
 # --------------------------------------------------------------------------- personcar compare
 
 
