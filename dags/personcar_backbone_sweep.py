@@ -128,16 +128,20 @@ def personcar_backbone_sweep() -> None:
         @task(retries=0, execution_timeout=timedelta(hours=12), max_active_tis_per_dagrun=1,
               map_index_template="{{ candidate_name }}", **CANDIDATE_CALLBACKS)
         def train(candidate, tfrecords, **context):
+            from airflow.sdk import get_current_context
+
             from tasks import sweep_tasks
 
-            context["candidate_name"] = candidate["name"]
+            get_current_context()["candidate_name"] = candidate["name"]  # the map index's label
             return sweep_tasks.train_candidate(context, candidate, tfrecords)
 
         @task(map_index_template="{{ candidate_name }}", **CANDIDATE_CALLBACKS)
         def evaluate(candidate, model, tfrecords, **context):
+            from airflow.sdk import get_current_context
+
             from tasks import sweep_tasks
 
-            context["candidate_name"] = candidate["name"]
+            get_current_context()["candidate_name"] = candidate["name"]
             return sweep_tasks.evaluate_candidate(context, candidate, model, tfrecords)
 
         @task(trigger_rule="all_done", retries=0)  # runs when every candidate is done, failed or not

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "personcar_backbone_sweep"
 TINY = {"model": "ssd_resnet26_v1_fpn_256x256_tiny", "image_size": 128}
 CANDIDATES = [
-    {"name": "tiny_a", **TINY, "steps": 4},
-    {"name": "tiny_b", **TINY, "steps": 6, "seed": 7},
+    {"name": "tiny_a", **TINY, "steps": 3},
+    {"name": "tiny_b", **TINY, "steps": 5, "seed": 7},
     {"name": "broken", **TINY, "steps": 4, "backbone": "resnet18"},  # resnet_v1 comes in 26, 50, 101, 152
 ]
 
@@ -73,7 +73,7 @@ def test_one_failed_candidate_does_not_sink_the_others(sweep_run: dict) -> None:
     }, log
     run = sweep_run["run_dir"]
     assert sorted(p.name for p in (run / "candidates").iterdir()) == ["broken", "tiny_a", "tiny_b"]
-    for name, steps in (("tiny_a", 4), ("tiny_b", 6)):
+    for name, steps in (("tiny_a", 3), ("tiny_b", 5)):
         assert json.loads((run / "candidates" / name / "train" / "train_summary.json").read_text())["steps"] == steps
         assert (run / "candidates" / name / "evaluate" / "metrics.json").is_file()
     failure = json.loads((run / "candidates" / "broken" / "failure.json").read_text())
