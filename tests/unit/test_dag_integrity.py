@@ -139,7 +139,7 @@ print(json.dumps({
     "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
     "mapped": sorted(t.task_id for t in dag.tasks if t.get_closest_mapped_task_group() is not None
                      or type(t).__name__ == "MappedOperator"),
-    "trigger_rules": {t.task_id: str(t.trigger_rule) for t in dag.tasks},
+    "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks},
     "retries": {t.task_id: t.retries for t in dag.tasks},
     "classes": {t.task_id: type(t).__name__ for t in dag.tasks},
     "params": sorted(dag.params),
