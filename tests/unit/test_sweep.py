@@ -363,3 +363,31 @@ def test_a_run_cannot_take_the_sweeps_names(tmp_path: Path) -> None:
     for name in ("sweeps", "sweeps.json"):
         with pytest.raises(PersoncarError, match="reserved"):
             publish(tmp_path / "report", str(tmp_path / "dest"), run_id=name)
+
+
+# --------------------------------------------------------------------------- the candidate tasks' callbacks
+
+
+def test_a_failed_candidate_task_leaves_failure_json_and_a_new_try_removes_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tasks import sweep_tasks
+    from tasks.compare import read_run
+
+    monkeypatch.setenv("PERSONCAR_ARTIFACT_ROOT", str(tmp_path / "runs"))
+    params = {"candidates": [{"name": "a", "steps": 2}, {"name": "b", "backbone": "resnet18"}]}
+    ti = SimpleNamespace(map_index=1, task_id="candidate.train", try_number=1)
+    context = {"params": params, "ti": ti, "dag_run": SimpleNamespace(run_id="manual__1", logical_date=None),
+               "exception": RuntimeError("backbone resnet18: the model's resnet_v1 backbone comes in\ndepths 26")}
+    sweep_tasks.record_failure(context)
+    folder = tmp_path / "runs" / "manual__1" / "candidates" / "b"
+    assert json.loads((folder / "failure.json").read_text()) == {
+        "stage": "train", "error": "backbone resnet18: the model's resnet_v1 backbone comes in depths 26",
+        "try_number": 1}
+    assert read_run("b", str(folder), {})["failure"] == {
+        "stage": "train", "error": "backbone resnet18: the model's resnet_v1 backbone comes in depths 26"}
+    assert not (tmp_path / "runs" / "manual__1" / "candidates" / "a").exists()  # the map index picks the candidate
+    sweep_tasks.clear_failure(context)
+    assert not (folder / "failure.json").exists()
+    sweep_tasks.clear_failure(context)  # nothing to clear: no error
