@@ -60,7 +60,7 @@ def validate_annotations(
     model's (ids 1..N with names): the categories must be exactly these.
     """
     from data_checks.dataset import check_dataset, read_dataset, require_label_map
-    from data_checks.rules import CHECKS, Thresholds
+    from data_checks.rules import Thresholds
     from data_checks.tables import StructureError
 
     start = time.perf_counter()
@@ -79,14 +79,8 @@ def validate_annotations(
     try:
         doc, tables = read_dataset(ann_path)
     except StructureError as exc:
-        report = {"success": False, **base, "quarantined_annotation_ids": [], "quarantined_image_ids": [],
-                  "failures": [{"check": exc.check, "policy": "fatal", "where": exc.where,
-                                "message": exc.detail}],
-                  "warnings": [], "repairs": {}, "counts": {}, "thresholds": thresholds.as_dict(),
-                  "checks_run": [], "gx": None,
-                  "note": "the file could not be read as COCO tables; no expectation suite ran"}
         with atomic_dir(out_dir, OUTPUTS) as tmp:
-            write_json_atomic(tmp / REPORT_NAME, report)
+            write_json_atomic(tmp / REPORT_NAME, _unreadable_report(exc, base, thresholds))
         log.error("validation failed: %s", exc)
         raise
 
@@ -95,33 +89,54 @@ def validate_annotations(
     with atomic_dir(out_dir, OUTPUTS) as tmp:
         result = check_dataset(doc, tables, thresholds, label_map=label_map, images_dir=images_dir,
                                decode=decode_images, docs_dir=tmp / DOCS_DIR)
-        report, clean, image_stats = result.report, result.clean, result.image_stats
-        import great_expectations as gx
-
         timings = result.statistics.pop("seconds", {})
-        report = {
-            "success": report["success"], **base, **report,
-            "thresholds": thresholds.as_dict(),
-            "label_map": {str(k): v for k, v in sorted(label_map.items())},
-            "image_checks": ({k: v for k, v in image_stats.items() if k not in ("seconds", "images_per_second")}
-                             if image_stats else None),
-            "checks_run": [
-                {"table": o.table, "check": o.check, "policy": o.policy, "expectation": o.expectation,
-                 "column": o.column, "success": o.success, "unexpected_count": o.unexpected_count,
-                 **({"observed_value": o.observed} if o.unexpected_count is None else {})}
-                for o in result.outcomes
-            ],
-            "gx": {"version": gx.__version__, "statistics": result.statistics,
-                   "data_docs": f"{DOCS_DIR}/index.html",
-                   "suites": [f"personcar_{t}" for t in ("images", "annotations", "categories")]},
-            "check_descriptions": {c.name: {"policy": c.policy, "description": c.description}
-                                   for c in CHECKS.values()},
-        }
+        report = _full_report(result, base, thresholds, label_map)
         write_json_atomic(tmp / REPORT_NAME, report)
-        if clean is not None:  # json.dumps uses the C encoder (json.dump does not)
-            (tmp / CLEAN_NAME).write_text(json.dumps(clean) + "\n", encoding="utf-8")
+        if result.clean is not None:  # json.dumps uses the C encoder (json.dump does not)
+            (tmp / CLEAN_NAME).write_text(json.dumps(result.clean) + "\n", encoding="utf-8")
+    _log_outcome(report, time.perf_counter() - start, timings, out_dir)
+    if not report["success"]:
+        raise DataValidationError(failure_line(ann_path, out_dir, report["failures"]))
+    return report
 
-    elapsed = time.perf_counter() - start
+
+def _unreadable_report(exc: Any, base: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+    """The report of a file that could not be read as COCO tables: one fatal failure, no suite run."""
+    return {"success": False, **base, "quarantined_annotation_ids": [], "quarantined_image_ids": [],
+            "failures": [{"check": exc.check, "policy": "fatal", "where": exc.where, "message": exc.detail}],
+            "warnings": [], "repairs": {}, "counts": {}, "thresholds": thresholds.as_dict(),
+            "checks_run": [], "gx": None,
+            "note": "the file could not be read as COCO tables; no expectation suite ran"}
+
+
+def _full_report(result: Any, base: dict[str, Any], thresholds: Any, label_map: Mapping[int, str]) -> dict[str, Any]:
+    """``validation.json`` of a file whose suites ran: outcome, checks, thresholds, GX statistics."""
+    import great_expectations as gx
+    from data_checks.rules import CHECKS
+
+    image_stats = result.image_stats
+    return {
+        "success": result.report["success"], **base, **result.report,
+        "thresholds": thresholds.as_dict(),
+        "label_map": {str(k): v for k, v in sorted(label_map.items())},
+        "image_checks": ({k: v for k, v in image_stats.items() if k not in ("seconds", "images_per_second")}
+                         if image_stats else None),
+        "checks_run": [
+            {"table": o.table, "check": o.check, "policy": o.policy, "expectation": o.expectation,
+             "column": o.column, "success": o.success, "unexpected_count": o.unexpected_count,
+             **({"observed_value": o.observed} if o.unexpected_count is None else {})}
+            for o in result.outcomes
+        ],
+        "gx": {"version": gx.__version__, "statistics": result.statistics,
+               "data_docs": f"{DOCS_DIR}/index.html",
+               "suites": [f"personcar_{t}" for t in ("images", "annotations", "categories")]},
+        "check_descriptions": {c.name: {"policy": c.policy, "description": c.description}
+                               for c in CHECKS.values()},
+    }
+
+
+def _log_outcome(report: dict[str, Any], elapsed: float, timings: dict[str, float], out_dir: Path) -> None:
+    """The summary line, then one line per warning and per quarantine."""
     log.info("validation %s in %.1f s (GX import %.1f s, suites %.1f s): %d failure(s), %d warning(s), "
              "%d quarantined, %d clipped; report %s, data docs %s",
              "passed" if report["success"] else "FAILED", elapsed, timings.get("import", 0.0),
@@ -134,9 +149,6 @@ def validate_annotations(
     for f in report["failures"]:
         if f["policy"] == "quarantine":
             log.warning("validation quarantined %s: %s", f["check"], f["message"])
-    if not report["success"]:
-        raise DataValidationError(failure_line(ann_path, out_dir, report["failures"]))
-    return report
 
 
 def failure_line(ann_path: Path, out_dir: Path, failures: list[dict[str, Any]]) -> str:
