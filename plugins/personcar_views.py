@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote
 
 DAG_ID = "personcar_detection"
 PUBLISH_TASK = "publish_report"
+SWEEP_DAG_ID, SWEEP_PUBLISH_TASK = "personcar_backbone_sweep", "publish_sweep"
 XCOM_KEY = "report_url"
 SERIES = (("mAP", "#4e79a7"), ("mAP@.50IOU", "#e15759"), ("mAP@.75IOU", "#59a14f"))  # index key, colour
 
@@ -88,14 +89,16 @@ def published_dests(limit: int = 500) -> list[str]:
 
         with create_session() as session:
             values = session.scalars(select(XComModel.value).where(
-                XComModel.dag_id == DAG_ID, XComModel.task_id == PUBLISH_TASK, XComModel.key == XCOM_KEY,
+                XComModel.dag_id.in_([DAG_ID, SWEEP_DAG_ID]), XComModel.task_id.in_([PUBLISH_TASK, SWEEP_PUBLISH_TASK]),
+                XComModel.key == XCOM_KEY,
             ).order_by(XComModel.timestamp.desc()).limit(limit)).all()
     except Exception:  # no metadata database here (a CLI, a unit test): only the configured destination
         return []
     out: list[str] = []
     for url in map(decode_xcom, values):
         with contextlib.suppress(Exception):  # not a location this view can read
-            dest = normalize_dest(url.strip().rsplit("/", 2)[0])  # <dest>/<run id>/report.html
+            base = url.strip().rsplit("/", 2)[0]  # <dest>/<run id>/report.html or <dest>/sweeps/<id>/report.html
+            dest = normalize_dest(base[: -len("/sweeps")] if base.endswith("/sweeps") else base)
             out += [dest] if url.count("/") >= 4 and dest not in out else []
     return out
 
@@ -142,28 +145,30 @@ def safe_path(rel: str) -> bool:
 
 
 def load_runs() -> list[dict[str, Any]]:
-    """Per destination (the configured one always, others while they hold runs):
-    ``{"dest", "id", "href", "runs", "latest", "error"}``."""
+    """Per destination (the configured one always, others while they hold runs or sweeps):
+    ``{"dest", "id", "href", "runs", "latest", "sweeps", "error"}``."""
     from tasks import storage
     from tasks.errors import PersoncarError
     from tasks.publish import load_index, load_pointer
+    from tasks.sweep_publish import load_sweeps
 
     try:
         dests = known_dests()
     except PersoncarError as exc:
         return [{"dest": os.environ.get("PERSONCAR_PUBLISH_DEST") or "?", "id": "", "href": "reports/",
-                 "runs": [], "latest": None, "error": str(exc)}]
+                 "runs": [], "latest": None, "sweeps": [], "error": str(exc)}]
     out = []
     for i, dest in enumerate(dests):
         group = {"dest": dest, "id": dest_id(dest), "href": "reports/" if i == 0 else f"dest/{dest_id(dest)}/",
-                 "runs": [], "latest": None, "error": None}
+                 "runs": [], "latest": None, "sweeps": [], "error": None}
         try:
             where = storage_where() if storage.is_remote(dest) else {}
             group["runs"] = load_index(dest, **where)
             group["latest"] = load_pointer(dest, **where)
+            group["sweeps"] = load_sweeps(dest, **where)
         except PersoncarError as exc:
             group["error"] = str(exc)
-        if i == 0 or group["runs"]:
+        if i == 0 or group["runs"] or group["sweeps"]:
             out.append(group)
     return out
 
@@ -240,7 +245,7 @@ def render_page(groups: list[dict[str, Any]]) -> str:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     shown = []
-    for g in [g for g in groups if g["runs"] or g["error"]] or groups[:1]:  # an empty destination only alone
+    for g in [g for g in groups if g["runs"] or g.get("sweeps") or g["error"]] or groups[:1]:  # empty only alone
         runs = sorted(g["runs"], key=lambda r: str(r.get("published_at") or ""))
         rows = [{"id": str(r.get("run_id")), "when": _when(r), "promoted": r.get("promoted") is True,
                  "metrics": [_num((r.get("metrics") or {}).get(k)) for k, _ in SERIES],
@@ -251,7 +256,7 @@ def render_page(groups: list[dict[str, Any]]) -> str:
             "run_id": str(latest["run_id"]), "promoted_at": str(latest.get("promoted_at") or ""),
             "map50": _num((latest.get("metrics") or {}).get("mAP@.50IOU")),
             "report": quote(latest["report"]) if isinstance(latest.get("report"), str)
-            and safe_path(latest["report"]) else None}})
+            and safe_path(latest["report"]) else None}, "sweep_rows": sweep_rows(g.get("sweeps") or [])})
     return env.get_template("runs.html.j2").render(groups=shown, series=SERIES,
                                                    total=sum(len(g["rows"]) for g in shown))
 
@@ -261,20 +266,41 @@ def render_page(groups: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def sweep_rows(entries: list[dict]) -> list[dict[str, Any]]:
+    """The sweeps of a destination, newest first, for the page."""
+    rows = []
+    for e in sorted(entries, key=lambda e: str(e.get("published_at") or ""), reverse=True):
+        cands = [c for c in e.get("candidates") or [] if isinstance(c, dict)]
+        best = next((c for c in cands if c.get("name") == e.get("recommended")), {})
+        rows.append({"id": str(e.get("sweep_id")), "when": _when(e), "recommended": e.get("recommended"),
+                     "reason": str(e.get("reason") or ""), "map50": _num(best.get("mAP@.50IOU")),
+                     "candidates": ", ".join(f"{c.get('name')}" + ("" if c.get("status") == "finished" else " (failed)")
+                                             for c in cands),
+                     "failed": len([c for c in cands if c.get("status") != "finished"]),
+                     "winner_run": e.get("winner_run"), "winner_promoted": e.get("winner_promoted") is True,
+                     "report": quote(e["report"]) if isinstance(e.get("report"), str) and safe_path(e["report"])
+                     else None})
+    return rows
+
+
 def serve(dest: str, path: str, where_factory: Any = storage_where) -> Any:
-    """A file of an indexed run folder or of ``latest/`` under ``dest``: a file or a presigned redirect."""
+    """A file of an indexed run folder, sweep folder or of ``latest/`` under ``dest``: a file or a
+    presigned redirect."""
     from fastapi import HTTPException
     from fastapi.responses import FileResponse, RedirectResponse
 
     from tasks import storage
-    from tasks.publish import LATEST_DIR, load_index
-
     from tasks.errors import PersoncarError
+    from tasks.publish import LATEST_DIR, SWEEPS_DIR, load_index
+    from tasks.sweep_publish import load_sweeps
 
     remote = storage.is_remote(dest)
     try:
         where = where_factory() if remote else {}
         runs = {str(e.get("run_id")) for e in load_index(dest, **where)}
+        if path.startswith(f"{SWEEPS_DIR}/"):  # sweeps/<sweep id>/<file> of a sweep the index lists
+            parts, listed = path.split("/"), {str(e.get("sweep_id")) for e in load_sweeps(dest, **where)}
+            runs = {SWEEPS_DIR} if len(parts) >= 3 and parts[1] in listed else set()
     except PersoncarError as exc:
         raise HTTPException(status_code=502, detail=str(exc)) from exc
     if not safe_path(path) or path.split("/", 1)[0] not in runs | {LATEST_DIR} or "/" not in path:
@@ -334,8 +360,9 @@ def build_app() -> Any:
     def runs_json() -> Any:
         groups = load_runs()
         main = groups[0]
-        body = {"dest": main["dest"], "runs": main["runs"], "latest": main["latest"],
-                "destinations": [{k: g[k] for k in ("dest", "id", "runs", "latest", "error")} for g in groups]}
+        body = {"dest": main["dest"], "runs": main["runs"], "latest": main["latest"], "sweeps": main["sweeps"],
+                "destinations": [{k: g[k] for k in ("dest", "id", "runs", "latest", "sweeps", "error")}
+                                 for g in groups]}
         if main["error"]:
             return JSONResponse({**body, "error": main["error"]}, status_code=502)
         return body

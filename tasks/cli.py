@@ -157,6 +157,26 @@ def cmd_report(a: argparse.Namespace) -> Any:
     return build_report(a.run_dir, a.out)
 
 
+def cmd_compare(a: argparse.Namespace) -> Any:
+    from tasks import storage
+    from tasks.compare import check_recommendation, compare_runs, sweep_runs
+
+    where = {"endpoint_url": a.endpoint_url}
+    runs = [(r.rstrip("/").rsplit("/", 1)[-1], r) for r in a.run_dirs]
+    data = a.data
+    if a.sweep:
+        found, tfrecords = sweep_runs(a.sweep, where)
+        runs, data = found + runs, data or tfrecords
+    if not runs:
+        raise PersoncarError("compare needs run folders (RUN_DIR...) or --sweep DIR")
+    with staging(a.endpoint_url) as st:
+        doc = compare_runs(runs, st.output(a.out), data=data, margin=a.margin, latency_images=a.latency_images,
+                           where=where)
+    check_recommendation(doc, storage.join_uri(a.out, "report.html"))
+    return {"out": a.out, "recommended": doc["recommendation"]["name"], "reason": doc["recommendation"]["reason"],
+            "ranking": doc["ranking"], "failed": doc["failed"]}
+
+
 def cmd_publish(a: argparse.Namespace) -> Any:
     from tasks.publish import publish
 
@@ -280,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("report", cmd_report, "build report.html / report.md from a run folder")
     s.add_argument("--run-dir", required=True)
     s.add_argument("--out", required=True)
+
+    s = add("compare", cmd_compare, "compare trained run folders: ranking, recommendation, sweep report")
+    s.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run folders with train/ and evaluate/ (a run of the DAG, a sweep's candidates/NAME)")
+    s.add_argument("--out", required=True, help="folder for sweep.json, report.html, report.md, pr_curves.png")
+    s.add_argument("--sweep", help="a backbone sweep's run folder: compare its candidates (candidates.json)")
+    s.add_argument("--data", help="TFRecord folder whose val images time the models (default: the sweep's, or "
+                                  "the first run folder's tfrecords/)")
+    s.add_argument("--margin", type=_fraction, default=0.01,
+                   help="a cheaper candidate within this mAP@.50IOU of the best is recommended (default 0.01)")
+    s.add_argument("--latency-images", type=positive, default=20, help="val images to time each model on (20)")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
     s = add("publish", cmd_publish, "upload a report folder to s3://bucket/prefix or file://")
     s.add_argument("--src", required=True)

@@ -45,7 +45,12 @@ def run_location(context: dict[str, Any], stage: str = "") -> str:
 
 
 def run_config(context: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_params({k: v for k, v in dict(context["params"]).items() if k in RunConfig.model_fields})
+    return RunConfig.from_params(run_params(context))
+
+
+def run_params(context: dict[str, Any]) -> dict[str, Any]:
+    """The DAG params that are run parameters (a DAG may have others, e.g. a sweep's candidates)."""
+    return {k: v for k, v in dict(context["params"]).items() if k in RunConfig.model_fields}
 
 
 def where() -> dict[str, Any]:
@@ -130,12 +135,14 @@ def build_tfrecords(context: dict[str, Any], validated: str | None = None, downl
     return out
 
 
-def train(context: dict[str, Any], tfrecords: str | None = None) -> str:
+def train(context: dict[str, Any], tfrecords: str | None = None, *, cfg: RunConfig | None = None,
+          out: str | None = None) -> str:
+    """Train into ``<run>/train`` (or ``out``) with the run's config (or ``cfg``: a sweep's candidate)."""
     from tasks.publish import previous_run
     from tasks.train import OutOfMemoryError, resolve_start
     from tasks.train import train as run_training
 
-    cfg, out = run_config(context), run_location(context, "train")
+    cfg, out = cfg or run_config(context), out or run_location(context, "train")
     tfrecords = _input(tfrecords, context, "tfrecords", "build_tfrecords")
     dest = cfg.publish_dest or settings().default_publish_dest()
     promoted = previous_run(dest, **where()) if cfg.warm_start == "promoted" else None
@@ -154,12 +161,13 @@ def train(context: dict[str, Any], tfrecords: str | None = None) -> str:
     return out
 
 
-def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str | None = None) -> str:
+def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str | None = None, *,
+             out: str | None = None) -> str:
     from tasks import storage
     from tasks.predict import evaluate_model
     from tasks.train import EXPORT_SUBDIR
 
-    out = run_location(context, "evaluate")
+    out = out or run_location(context, "evaluate")
     model = _input(model, context, "train", "train")
     tfrecords = _input(tfrecords, context, "tfrecords", "build_tfrecords")
     with staging() as st:
@@ -171,30 +179,12 @@ def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str |
 
 def publish_report(context: dict[str, Any], parts: dict[str, str | None] | None = None, model: Any = None) -> dict:
     """Build the report from the run's stage locations, publish it, and record the model Asset's event."""
-    from tasks.publish import gate_verdict, previous_run, publish
-    from tasks.report import build_report
-
-    cfg, st = run_config(context), settings()
-    dest = cfg.publish_dest or st.default_publish_dest()
+    cfg = run_config(context)
     stages = {"download": "download_dataset", "validate": "validate_annotations", "tfrecords": "build_tfrecords",
               "train": "train", "evaluate": "evaluate"}
     parts = {s: _input((parts or {}).get(s), context, s, t) for s, t in stages.items()}
     key = run_location(context).rstrip("/").rsplit("/", 1)[-1]
-    with staging() as staged:
-        run = _report_inputs(staged, parts, Path(staged.root) / key)
-        metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-        gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
-        prev = previous_run(dest, exclude=key, **where())
-        verdict = gate_verdict(metrics, prev, gate)
-        config = {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
-                  "backend": st.backend, "publish_dest": dest}
-        (run / "config.json").write_text(json.dumps(config, indent=2))
-        staged_config = staged.output(run_location(context, "config.json"), file=True)
-        if staged_config != run / "config.json":
-            staged_config.write_text(json.dumps(config, indent=2))
-        report = build_report(run, staged.output(run_location(context, "report")), previous=prev, gate=verdict)
-        published = publish(Path(report["out"]), dest, run_id=key, gate=gate, model=_model_entry(cfg, run, parts),
-                            **where())
+    published, verdict = publish_run(context, cfg, parts, key=key, folder=run_location(context))
     report_url = published.get("report_url")
     context["ti"].xcom_push(key="report_url", value=report_url)
     log.info("report: %s (%s)", report_url, verdict["reason"])
@@ -204,11 +194,42 @@ def publish_report(context: dict[str, Any], parts: dict[str, str | None] | None 
     return {"report_url": report_url, "promoted": published.get("promoted"), "gate": verdict["reason"]}
 
 
+def publish_run(context: dict[str, Any], cfg: RunConfig, parts: dict[str, str], *, key: str, folder: str,
+                extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build the report of the run made of the stage locations ``parts`` and publish it as run ``key``
+    through the quality gate; ``config.json`` and ``report/`` go to the location ``folder``, ``extra``
+    into config.json. Returns what :func:`tasks.publish.publish` returned and the gate's verdict."""
+    from tasks import storage
+    from tasks.publish import gate_verdict, previous_run, publish
+    from tasks.report import build_report
+
+    st = settings()
+    dest = cfg.publish_dest or st.default_publish_dest()
+    with staging() as staged:
+        run = _report_inputs(staged, parts, Path(staged.root) / key)
+        metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+        gate = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": cfg.promotion_margin}
+        prev = previous_run(dest, exclude=key, **where())
+        verdict = gate_verdict(metrics, prev, gate)
+        config = {"run_id": context["dag_run"].run_id, **cfg.model_dump(), "resolved": cfg.resolved(),
+                  "backend": st.backend, "publish_dest": dest, **(extra or {})}
+        (run / "config.json").write_text(json.dumps(config, indent=2))
+        staged_config = staged.output(storage.join_uri(folder, "config.json"), file=True)
+        if staged_config != run / "config.json":
+            staged_config.write_text(json.dumps(config, indent=2))
+        report = build_report(run, staged.output(storage.join_uri(folder, "report")), previous=prev, gate=verdict)
+        published = publish(Path(report["out"]), dest, run_id=key, gate=gate, model=_model_entry(cfg, run, parts),
+                            **where())
+    return published, verdict
+
+
 def _report_inputs(st: Any, parts: dict[str, str], run: Path) -> Path:
-    """A local run folder of what the report reads: local stages as they are, remote ones fetched."""
+    """A local run folder of what the report reads: local stages of one run folder as they are; remote
+    ones, or stages of different folders (a sweep's candidate and its shared data), fetched."""
     from tasks import storage
 
-    if not any(storage.is_remote(u) for u in parts.values()):
+    local = not any(storage.is_remote(u) for u in parts.values())
+    if local and len({Path(u).parent for u in parts.values()}) == 1:
         return Path(parts["evaluate"]).parent
     files = {"download": ["download_manifest.json"], "tfrecords": ["manifest.json", "val.coco.json"],
              "train": ["train_summary.json", "validation.json"]}

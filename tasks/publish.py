@@ -71,7 +71,11 @@ DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU",
 #: Attempts at a conflicting index update before giving up.
 MAX_INDEX_ATTEMPTS = 40
 
-_RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME, LATEST_LOCK_NAME}
+#: Backbone sweeps are published beside the runs (tasks.sweep_publish): ``DEST/sweeps.json``, ``DEST/sweeps/<id>/``.
+SWEEPS_INDEX_NAME = "sweeps.json"
+SWEEPS_DIR = "sweeps"
+
+_RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME, LATEST_LOCK_NAME, SWEEPS_INDEX_NAME, SWEEPS_DIR}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,9 +200,11 @@ def _index_run(dest: str, run: str, metrics: dict[str, Any], gate: dict[str, Any
     return entry, decided["previous"]
 
 
-def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None) -> list[dict]:
-    """The entries of ``<dest>/runs.json`` (oldest first); ``[]`` when nothing is published yet."""
-    uri = storage.join_uri(normalize_dest(dest), INDEX_NAME)
+def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None,
+               name: str = INDEX_NAME) -> list[dict]:
+    """The entries of ``<dest>/runs.json`` (or of the index ``name``, oldest first); ``[]`` when nothing
+    is published yet."""
+    uri = storage.join_uri(normalize_dest(dest), name)
     return _parse_index(storage.read_bytes(uri, endpoint_url=endpoint_url, conn_id=conn_id), uri)
 
 
@@ -274,16 +280,17 @@ def normalize_dest(dest: str | os.PathLike[str]) -> str:
 
 
 def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, conn_id: str | None = None,
-                 endpoint_url: str | None = None) -> list[dict]:
-    """Apply ``change`` to the entries of ``<dest>/runs.json`` without losing concurrent updates.
+                 endpoint_url: str | None = None, name: str = INDEX_NAME) -> list[dict]:
+    """Apply ``change`` to the entries of ``<dest>/runs.json`` (or of the index ``name``) without
+    losing concurrent updates.
 
     ``change`` gets the current entries and returns the new ones; it may be called several times
     (once per attempt) and must not have other side effects. Returns the entries written.
     """
     dest = normalize_dest(dest)
     if storage.is_remote(dest):
-        return _update_index_s3(dest, change, storage.s3_client(endpoint_url, conn_id=conn_id))
-    return _update_index_local(storage.local_path(dest), change)
+        return _update_index_s3(dest, change, storage.s3_client(endpoint_url, conn_id=conn_id), name)
+    return _update_index_local(storage.local_path(dest), change, name)
 
 
 def _parse_index(raw: bytes | None, uri: str) -> list[dict]:
@@ -308,11 +315,12 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
 
 
-def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], client: Any) -> list[dict]:
+def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], client: Any,
+                     name: str = INDEX_NAME) -> list[dict]:
     from botocore.exceptions import ClientError
 
     bucket, prefix = storage.split_s3(dest)
-    key = f"{prefix}/{INDEX_NAME}" if prefix else INDEX_NAME
+    key = f"{prefix}/{name}" if prefix else name
     uri = f"s3://{bucket}/{key}"
     conditional = True
     for attempt in range(MAX_INDEX_ATTEMPTS):
@@ -396,9 +404,9 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]]) -> list[dict]:
-    index = root / INDEX_NAME
-    with _file_lock(root / LOCK_NAME):
+def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]], name: str = INDEX_NAME) -> list[dict]:
+    index = root / name
+    with _file_lock(root / (LOCK_NAME if name == INDEX_NAME else f".{name}.lock")):
         raw = index.read_bytes() if index.exists() else None
         entries = change(_parse_index(raw, index.as_uri()))
         write_json_atomic(index, entries)

@@ -192,6 +192,37 @@ def plot_pr_curves(curves: dict[str, Any], path: Path) -> bool:
     return True
 
 
+SWEEP_COLOURS = ["#1d72f3", "#e63946", "#2a9d8f", "#f4a261", "#8338ec", "#6c757d", "#ffbe0b", "#3a86ff"]
+
+
+def plot_sweep_pr(curves: dict[str, dict[str, Any]], path: Path, key: str = "iou_0.50") -> bool:
+    """One figure for a sweep: a panel per class, a line per candidate (precision/recall at IoU .50)."""
+    classes = list(dict.fromkeys(c for doc in curves.values() for c in (doc.get("classes") or {})))
+    if not classes:
+        return False
+    fig, axes = _grid(len(classes), 4.8, 3.8)
+    for ax, cls in zip(axes, classes, strict=True):
+        for i, (name, doc) in enumerate(curves.items()):
+            c = ((doc.get("classes") or {}).get(cls) or {}).get(key) or {}
+            if not c.get("has_ground_truth") or not c.get("precision"):
+                continue
+            pts = [(r, p) for r, p in zip(c["recall"], c["precision"], strict=False)
+                   if r <= c.get("max_recall", 1.0) + 1e-9] or [(0.0, 0.0)]
+            ap = c.get("ap")
+            ax.plot([r for r, _ in pts], [p for _, p in pts], color=SWEEP_COLOURS[i % len(SWEEP_COLOURS)],
+                    linewidth=2, label=_mpl_text(f"{name}: AP {ap:.3f}" if is_num(ap) else name))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
+        ax.set(xlim=(0, 1.0), ylim=(0, 1.02))
+        ax.set_xlabel("recall", fontsize=9)
+        ax.set_ylabel("precision", fontsize=9)
+        ax.set_title(_mpl_text(f"{cls} (IoU {key[-4:]})"), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    fig.savefig(path, format="png", metadata=PNG_METADATA)
+    return True
+
+
 def plot_validation(history: list[dict[str, Any]], best_step: int | None, path: Path) -> bool:
     """mAP and mAP@.50IOU on the val split against the training step; the exported step marked."""
     points = sorted((h for h in history if isinstance(h, dict) and is_num(h.get("step"))), key=lambda h: h["step"])

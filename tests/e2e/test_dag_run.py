@@ -32,13 +32,10 @@ def json_out(proc: subprocess.CompletedProcess[str]) -> list | dict:
     return json.loads(line)
 
 
-@pytest.fixture(scope="module")
-def dag_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from tasks.sample import make_sample
-
-    root = tmp_path_factory.mktemp("e2e")
-    make_sample(root / "sample", images=16, seed=3, archive=root / "trainval.tar.gz")
-    env = {
+def airflow_env(root: Path) -> dict[str, str]:
+    """Airflow with its SQLite metadata DB under ``root/airflow``, this checkout's DAGs and plugins,
+    run folders under ``root/runs``, the local backend."""
+    return {
         **os.environ,
         "AIRFLOW_HOME": str(root / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -49,6 +46,15 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "PERSONCAR_CACHE_DIR": str(root / "cache"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tasks.sample import make_sample
+
+    root = tmp_path_factory.mktemp("e2e")
+    make_sample(root / "sample", images=16, seed=3, archive=root / "trainval.tar.gz")
+    env = airflow_env(root)
     conf = {
         "dataset_source": (root / "trainval.tar.gz").as_uri(),
         "model": "ssd_resnet26_v1_fpn_256x256_tiny",

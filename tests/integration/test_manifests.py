@@ -390,44 +390,51 @@ SWEEP_PROBE = textwrap.dedent(
     import json, sys
     from airflow.dag_processing.dagbag import DagBag
 
+    from tasks.sweep_tasks import candidate_config_macro
+
     bag = DagBag(dag_folder=sys.argv[1])
     dag = bag.dags.get("personcar_backbone_sweep")
     tasks = {}
     for task in (dag.tasks if dag else []):
-        expand = getattr(task, "expand_input", None)
-        tasks[task.task_id] = {"class": type(task).__name__, "operator": task.operator_name,
-                               "arguments": expand.value.get("arguments") if expand else None,
-                               "pod_template_file": task.partial_kwargs.get("pod_template_file"),
-                               "image": task.partial_kwargs.get("image"),
+        tasks[task.task_id] = {"class": type(task).__name__,
+                               "mapped": task.get_closest_mapped_task_group() is not None,
+                               "arguments": getattr(task, "arguments", None),
+                               "pod_template_file": getattr(task, "pod_template_file", None),
+                               "image": getattr(task, "image", None),
                                "downstream": sorted(task.downstream_task_ids)}
-    print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "tasks": tasks}))
+    params = {k: dag.params[k] for k in dag.params} if dag else {}
+    configs = [json.loads(candidate_config_macro(params, i)) for i in range(len(params.get("candidates", [])))]
+    print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "tasks": tasks,
+                      "configs": configs}))
     """
 )
 
 
-def test_backbone_sweep_example_in_the_docs_parses_into_mapped_trainer_pods(values_env: dict[str, str],
-                                                                          tmp_path: Path) -> None:
-    docs = (REPO / "docs" / "production.md").read_text(encoding="utf-8")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", docs, flags=re.S) if "personcar_backbone_sweep" in b]
-    assert len(blocks) == 1
-    (tmp_path / "dags").mkdir()
-    (tmp_path / "dags" / "personcar_backbone_sweep.py").write_text(blocks[0], encoding="utf-8")
+def test_backbone_sweep_parses_into_mapped_trainer_pods(values_env: dict[str, str], tmp_path: Path) -> None:
+    """dags/personcar_backbone_sweep.py with the deployment's settings: each candidate's train and
+    evaluate are trainer pods mapped over the candidates (ResNet-50, -101, -152 by default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PERSONCAR_"))}
     env.update(values_env)
     env["PERSONCAR_K8S_POD_TEMPLATES"] = str(DEFAULT_TEMPLATES)
     env.update({"AIRFLOW_HOME": str(tmp_path / "home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
-    out = subprocess.run([sys.executable, "-c", SWEEP_PROBE, str(tmp_path / "dags")], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", SWEEP_PROBE, str(REPO / "dags")], env=env, capture_output=True,
                          text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["errors"] == {}
     tasks = probe["tasks"]
-    assert sorted(tasks) == ["evaluate", "train"] and tasks["train"]["downstream"] == ["evaluate"]
-    for task in tasks.values():
-        assert task["class"] == "MappedOperator" and task["operator"] == "KubernetesPodOperator"
+    pods = {t: v for t, v in tasks.items() if v["class"] == "TrainerPodOperator"}
+    assert sorted(pods) == ["build_tfrecords", "candidate.evaluate", "candidate.train", "compare"]
+    assert tasks["candidate.train"]["downstream"] == ["candidate.evaluate"]
+    assert tasks["candidate.evaluate"]["downstream"] == ["compare"]
+    assert [t for t, v in tasks.items() if v["mapped"]] == ["candidate.train", "candidate.evaluate"]
+    for task in pods.values():
         assert task["pod_template_file"].endswith(("trainer-gpu.yaml", "trainer-cpu.yaml"))
         assert task["image"] == values_env["PERSONCAR_K8S_IMAGE"]
-    backbones = [args[args.index("--backbone") + 1] for args in tasks["train"]["arguments"]]
-    assert backbones == ["resnet50", "resnet101", "resnet152"]
-    assert len(tasks["evaluate"]["arguments"]) == 3
+    train, evaluate = tasks["candidate.train"]["arguments"], tasks["candidate.evaluate"]["arguments"]
+    assert train[0] == "train" and "personcar_candidate_config(params, ti.map_index)" in " ".join(train)
+    assert evaluate[0] == "evaluate" and "personcar_candidate_dir(dag_run, params, ti.map_index)" in " ".join(evaluate)
+    assert tasks["compare"]["arguments"][:2] == ["compare", "--sweep"]
+    models = [c["model"] for c in probe["configs"]]
+    assert models == [f"ssd_resnet{d}_v1_fpn_640x640" for d in (50, 101, 152)]

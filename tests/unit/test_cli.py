@@ -11,7 +11,7 @@ import pytest
 
 from tasks.cli import build_parser, main
 
-COMMANDS = {"convert-checkpoint", "sample", "download", "validate", "tfrecords", "train", "predict", "evaluate", "report", "publish"}
+COMMANDS = {"convert-checkpoint", "sample", "download", "validate", "tfrecords", "train", "predict", "evaluate", "report", "publish", "compare"}
 
 
 def test_every_stage_has_a_command() -> None:

@@ -1,4 +1,5 @@
-"""DAG integrity: loads cleanly and fast, six tasks in order, params, retries, no heavy imports."""
+"""DAG integrity: every DAG loads cleanly and fast; the main DAG's six tasks in order, params, retries;
+the backbone sweep's mapped candidates and trigger rule; no heavy imports."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+DAG_IDS = ["personcar_backbone_sweep", "personcar_detection"]
 TASK_ORDER = ["download_dataset", "validate_annotations", "build_tfrecords", "train", "evaluate", "publish_report"]
 
 PROBE = r"""
@@ -49,9 +51,9 @@ print(json.dumps({
 """
 
 
-def load(backend: str = "local") -> dict:
+def load(backend: str = "local", probe: str = PROBE) -> dict:
     env = {**os.environ, "PERSONCAR_EXECUTION_BACKEND": backend, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", probe, str(REPO / "dags")], capture_output=True, text=True,
                          env=env, check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,7 +65,7 @@ def dag_info() -> dict:
 
 def test_dag_folder_loads_without_errors(dag_info: dict) -> None:
     assert dag_info["errors"] == {}
-    assert dag_info["dags"] == ["personcar_detection"]
+    assert dag_info["dags"] == DAG_IDS
 
 
 def test_six_tasks_in_order(dag_info: dict) -> None:
@@ -121,3 +123,55 @@ def test_kubernetes_backend_runs_tensorflow_stages_as_pods() -> None:
     pods = {t for t, cls in info["classes"].items() if "Pod" in cls}
     assert pods == {"build_tfrecords", "train", "evaluate"}
     assert info["heavy"] == []
+
+
+SWEEP_PROBE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+dag = bag.dags.get("personcar_backbone_sweep")
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dags": sorted(bag.dag_ids),
+    "tags": sorted(dag.tags),
+    "timetable": type(dag.timetable).__name__,
+    "max_active_runs": dag.max_active_runs,
+    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+    "mapped": sorted(t.task_id for t in dag.tasks if t.get_closest_mapped_task_group() is not None
+                     or type(t).__name__ == "MappedOperator"),
+    "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks},
+    "retries": {t.task_id: t.retries for t in dag.tasks},
+    "classes": {t.task_id: type(t).__name__ for t in dag.tasks},
+    "params": sorted(dag.params),
+    "candidates": dag.params.get_param("candidates").value,
+    "heavy": sorted(m for m in ("tensorflow", "great_expectations", "official", "keras", "tf_keras") if m in sys.modules),
+}))
+"""
+SWEEP_TASKS = ["list_candidates", "download_dataset", "validate_annotations", "build_tfrecords", "candidate.train",
+               "candidate.evaluate", "compare", "publish_sweep"]
+
+
+@pytest.mark.parametrize("backend", ["local", "kubernetes"])
+def test_sweep_maps_train_and_evaluate_over_the_candidates_then_compares(backend: str) -> None:
+    from tasks.config import RunConfig
+    from tasks.sweep import DEFAULT_CANDIDATES
+
+    info = load(backend, SWEEP_PROBE)
+    assert info["errors"] == {} and info["dags"] == DAG_IDS and info["heavy"] == []
+    assert "personcar" in info["tags"] and info["timetable"] == "NullTimetable" and info["max_active_runs"] == 1
+    up = info["upstream"]
+    assert sorted(up) == sorted(SWEEP_TASKS)
+    assert info["mapped"] == ["candidate.evaluate", "candidate.train"]
+    assert {"build_tfrecords", "list_candidates"} <= set(up["candidate.train"])
+    assert "candidate.train" in up["candidate.evaluate"] and "candidate.evaluate" in up["compare"]
+    assert up["publish_sweep"] == ["compare"] and up["download_dataset"] == ["list_candidates"]
+    # one failed candidate does not sink the others: compare runs once every candidate is done
+    assert info["trigger_rules"] == {t: "all_done" if t == "compare" else "all_success" for t in SWEEP_TASKS}
+    assert info["retries"]["download_dataset"] >= 2 and info["retries"]["publish_sweep"] >= 2
+    assert info["retries"]["validate_annotations"] == 0 and info["retries"]["list_candidates"] == 0
+    assert set(info["params"]) == set(RunConfig.model_fields) | {"candidates", "recommendation_margin",
+                                                                 "promote_winner"}
+    assert info["candidates"] == DEFAULT_CANDIDATES
+    pods = {t for t, cls in info["classes"].items() if "Pod" in cls}
+    assert pods == ({"build_tfrecords", "candidate.train", "candidate.evaluate", "compare"}
+                    if backend == "kubernetes" else set())
