@@ -222,40 +222,33 @@ TRAIN_FLAGS = ("model", "backbone", "epochs", "steps", "batch_size", "image_size
                "init_checkpoint_modules", "warm_start", "publish_dest", "validate_every", "augment", "seed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tasks import __version__
-    from tasks.params import add_run_flags
-
-    p = _Parser(prog="personcar", description="Person/car detector pipeline stages.")
-    p.add_argument("--version", action="version", version=f"personcar {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
-
-    s = add("sample", cmd_sample, "write an offline sample dataset in the production layout")
+def _sample_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="output folder (gets trainval/...)")
     s.add_argument("--images", type=int, default=24, help="number of images (default 24)")
     s.add_argument("--seed", type=non_negative, default=0)
     s.add_argument("--archive", help="also pack it as this trainval.tar.gz")
 
-    s = add("download", cmd_download, "fetch, verify and safely extract the dataset archive")
+
+def _download_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--source", required=True, help="s3://bucket/key, https://..., file://... or a path")
     s.add_argument("--dest", required=True, help="folder that receives trainval/...")
     s.add_argument("--sha256", help="expected sha256 of the archive")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint")
 
-    s = add("validate", cmd_validate, "validate annotations (and images) with Great Expectations")
+
+def _validate_args(s: argparse.ArgumentParser) -> None:
+    from tasks.params import add_run_flags
+
     s.add_argument("--annotations", required=True)
     s.add_argument("--images", help="image folder: also run the image checks")
     s.add_argument("--out", required=True)
     add_run_flags(s, ("model", "image_size", "max_quarantine_fraction"))
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("tfrecords", cmd_tfrecords, "build sharded train/val TFRecords (OD API format)")
+
+def _tfrecords_args(s: argparse.ArgumentParser) -> None:
+    from tasks.params import add_run_flags
+
     s.add_argument("--annotations", required=True, help="the cleaned COCO JSON (annotations.clean.json)")
     s.add_argument("--images", required=True)
     s.add_argument("--out", required=True)
@@ -263,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-config", help="run parameters as JSON (flags override them)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("train", cmd_train, "train (or resume) the detector and export a SavedModel")
+
+def _train_args(s: argparse.ArgumentParser) -> None:
+    from tasks.params import add_run_flags
+
     s.add_argument("--data", required=True, help="TFRecord folder")
     s.add_argument("--model-dir", required=True)
     add_run_flags(s, TRAIN_FLAGS)
@@ -274,13 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("convert-checkpoint", cmd_convert_checkpoint,
-            "convert a TF2 detection zoo SSD ResNet V1 FPN checkpoint onto this project's model")
+
+def _convert_checkpoint_args(s: argparse.ArgumentParser) -> None:
+    from tasks.params import add_run_flags
+
     s.add_argument("--src", required=True, help="the zoo's .tar.gz (path or https://) or its checkpoint prefix/folder")
     s.add_argument("--out", required=True, help="folder for the converted checkpoint (ckpt-1) and conversion.json")
     add_run_flags(s, ("model", "backbone"))
 
-    s = add("predict", cmd_predict, "run the exported model into a COCO results JSON")
+
+def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model-dir", required=True)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", help="TFRecord folder: predict its val split")
@@ -289,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-threshold", type=_fraction, default=0.0)
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("evaluate", cmd_evaluate, "COCO metrics (pycocotools) of detections against ground truth")
+
+def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--annotations", help="ground truth COCO JSON (val.coco.json)")
     s.add_argument("--detections", help="COCO results JSON")
     s.add_argument("--model-dir", help="instead of --detections: predict with this model ...")
@@ -297,11 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("report", cmd_report, "build report.html / report.md from a run folder")
+
+def _report_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--run-dir", required=True)
     s.add_argument("--out", required=True)
 
-    s = add("compare", cmd_compare, "compare trained run folders: ranking, recommendation, sweep report")
+
+def _compare_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                    help="run folders with train/ and evaluate/ (a run of the DAG, a sweep's candidates/NAME)")
     s.add_argument("--out", required=True, help="folder for sweep.json, report.html, report.md, pr_curves.png")
@@ -313,11 +315,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-images", type=positive, default=20, help="val images to time each model on (20)")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
 
-    s = add("publish", cmd_publish, "upload a report folder to s3://bucket/prefix or file://")
+
+def _publish_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--src", required=True)
     s.add_argument("--dest", required=True)
     s.add_argument("--run-id", help="default: the name of SRC's parent folder")
     s.add_argument("--endpoint-url")
+
+
+#: the commands: name, handler, help, and what adds the command's arguments
+COMMANDS: list[tuple[str, Any, str, Any]] = [
+    ("sample", cmd_sample, "write an offline sample dataset in the production layout", _sample_args),
+    ("download", cmd_download, "fetch, verify and safely extract the dataset archive", _download_args),
+    ("validate", cmd_validate, "validate annotations (and images) with Great Expectations", _validate_args),
+    ("tfrecords", cmd_tfrecords, "build sharded train/val TFRecords (OD API format)", _tfrecords_args),
+    ("train", cmd_train, "train (or resume) the detector and export a SavedModel", _train_args),
+    ("convert-checkpoint", cmd_convert_checkpoint,
+     "convert a TF2 detection zoo SSD ResNet V1 FPN checkpoint onto this project's model", _convert_checkpoint_args),
+    ("predict", cmd_predict, "run the exported model into a COCO results JSON", _predict_args),
+    ("evaluate", cmd_evaluate, "COCO metrics (pycocotools) of detections against ground truth", _evaluate_args),
+    ("report", cmd_report, "build report.html / report.md from a run folder", _report_args),
+    ("compare", cmd_compare, "compare trained run folders: ranking, recommendation, sweep report", _compare_args),
+    ("publish", cmd_publish, "upload a report folder to s3://bucket/prefix or file://", _publish_args),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks import __version__
+
+    p = _Parser(prog="personcar", description="Person/car detector pipeline stages.")
+    p.add_argument("--version", action="version", version=f"personcar {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn, help_, add_args in COMMANDS:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        add_args(sp)
     return p
 
 
