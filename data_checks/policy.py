@@ -94,6 +94,45 @@ def _file_detail(images: pd.DataFrame, check: str, rows: list[int]) -> str:
     return f"{len(set(rows))} file(s) {verb}, e.g. " + ", ".join(shown)
 
 
+def _duplicate_groups(ann: Any, dup_rows: list[int]) -> tuple[list[int], list[int]]:
+    """Rows of exact duplicate boxes: the one kept of each group (the lowest id) and the others."""
+    kept: list[int] = []
+    removed: list[int] = []
+    if dup_rows:
+        sub = ann.loc[dup_rows, ["image_id", "category_id", "x", "y", "w", "h", "id"]]
+        ids = ann["id"]  # None where the id itself is invalid (a fatal failure of its own)
+        for _, group in sub.groupby(["image_id", "category_id", "x", "y", "w", "h"], sort=False):
+            order = sorted(group.index, key=lambda r: (ids.iat[r] is None, ids.iat[r] or 0, r))
+            kept.append(order[0])
+            removed.extend(order[1:])
+    return kept, removed
+
+
+def _multi_class_rows(ann: Any, same_rows: list[int]) -> list[int]:
+    """Rows of boxes at one position that carry different categories (exact duplicates are not)."""
+    rows: list[int] = []
+    if same_rows:
+        sub = ann.loc[same_rows, ["image_id", "x", "y", "w", "h", "category_id"]]
+        for _, group in sub.groupby(["image_id", "x", "y", "w", "h"], sort=False):
+            if group["category_id"].nunique() > 1:
+                rows.extend(group.index)
+    return rows
+
+
+def _quarantine_threshold(ann: Any, quarantined_rows: list[int], thresholds: Thresholds) -> dict[str, Any] | None:
+    """The fatal failure when more boxes are quarantined than ``max_quarantine_fraction`` allows."""
+    n_boxes = len(ann)
+    if not quarantined_rows or len(quarantined_rows) <= thresholds.max_quarantine_fraction * n_boxes:
+        return None
+    return {
+        "check": "quarantine_threshold", "policy": "fatal",
+        "annotation_ids": _ids(ann, quarantined_rows), "count": len(quarantined_rows),
+        "message": (f"{len(quarantined_rows)} of {n_boxes} boxes quarantined "
+                    f"({len(quarantined_rows) / max(n_boxes, 1):.2%}), more than max_quarantine_fraction "
+                    f"{thresholds.max_quarantine_fraction:.2%}"),
+    }
+
+
 def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], thresholds: Thresholds,
                  *, unreferenced_files: list[str] | None = None,
                  label_map: Mapping[int, str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -118,26 +157,8 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
     def rows_of(key: tuple[str, str]) -> list[int]:
         return sorted({r for o in by_check.get(key, []) for r in o.rows})
 
-    # duplicate boxes: keep the lowest id of each group
-    dup_rows = rows_of(("annotations", "duplicate_box"))
-    dup_kept: list[int] = []
-    dup_removed: list[int] = []
-    if dup_rows:
-        sub = ann.loc[dup_rows, ["image_id", "category_id", "x", "y", "w", "h", "id"]]
-        for _, group in sub.groupby(["image_id", "category_id", "x", "y", "w", "h"], sort=False):
-            ids = ann["id"]  # None where the id itself is invalid (a fatal failure of its own)
-            order = sorted(group.index, key=lambda r: (ids.iat[r] is None, ids.iat[r] or 0, r))
-            dup_kept.append(order[0])
-            dup_removed.extend(order[1:])
-
-    # warnings only for positions carrying different categories (exact duplicates are handled above)
-    same_rows = rows_of(("annotations", "same_box_different_categories"))
-    multi_class_rows: list[int] = []
-    if same_rows:
-        sub = ann.loc[same_rows, ["image_id", "x", "y", "w", "h", "category_id"]]
-        for _, group in sub.groupby(["image_id", "x", "y", "w", "h"], sort=False):
-            if group["category_id"].nunique() > 1:
-                multi_class_rows.extend(group.index)
+    dup_kept, dup_removed = _duplicate_groups(ann, rows_of(("annotations", "duplicate_box")))
+    multi_class_rows = _multi_class_rows(ann, rows_of(("annotations", "same_box_different_categories")))
 
     for (table, check), group in sorted(by_check.items(), key=lambda kv: _order(kv[0][1])):
         policy = CHECKS[check].policy if check in CHECKS else "fatal"
@@ -188,17 +209,10 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
                          "file_names": unreferenced_files[:MAX_WARNING_IDS], "count": n,
                          "message": f"{n} image file(s) in the folder are not listed in the JSON"})
 
-    n_boxes = len(ann)
     quarantined_rows = sorted(quarantine)
-    limit = thresholds.max_quarantine_fraction * n_boxes
-    if quarantined_rows and len(quarantined_rows) > limit:
-        failures.append({
-            "check": "quarantine_threshold", "policy": "fatal",
-            "annotation_ids": _ids(ann, quarantined_rows), "count": len(quarantined_rows),
-            "message": (f"{len(quarantined_rows)} of {n_boxes} boxes quarantined "
-                        f"({len(quarantined_rows) / max(n_boxes, 1):.2%}), more than max_quarantine_fraction "
-                        f"{thresholds.max_quarantine_fraction:.2%}"),
-        })
+    too_many = _quarantine_threshold(ann, quarantined_rows, thresholds)
+    if too_many:
+        failures.append(too_many)
 
     success = not any(f["policy"] == "fatal" for f in failures)
     clipped_rows = sorted(past_edge_rows - set(quarantine))
