@@ -6,7 +6,7 @@ and TFRecords (all images as train, and again as the evaluation split), trains t
 without augmentation and evaluates on the same images. A pipeline whose labels, boxes, class ids,
 anchors and evaluation line up memorises them (mAP@.50IOU >= 0.95).
 
-    .venv/bin/python benchmarks/bench_memorise.py --subsets 3 --images 6 --steps 500
+    .venv/bin/python benchmarks/bench_memorise.py --subsets 3 --images 4 --batch-size 4 --steps 300 --image-size 640
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="first subset seed (subset k uses seed + k)")
+    p.add_argument("--run-seed", type=int, help="seed of every run (default: the subset's seed)")
     a = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -84,7 +85,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="memorise-") as tmp:
             row = {"subset_seed": seed, "image_ids": chosen,
                    **memorise(Path(tmp), chosen, model=a.model, steps=a.steps, image_size=a.image_size,
-                              learning_rate=a.learning_rate, batch_size=a.batch_size, seed=seed)}
+                              learning_rate=a.learning_rate, batch_size=a.batch_size,
+                              seed=seed if a.run_seed is None else a.run_seed)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"{a.model} at {a.image_size or 'its default size'}, {a.steps} steps, batch {a.batch_size}, LR "
