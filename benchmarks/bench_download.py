@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.download import download_dataset  # noqa: E402
-from tasks.errors import PersoncarError  # noqa: E402
+from tasks.download import download_dataset
+from tasks.errors import PersoncarError
 
 SHARED = Path(os.environ.get("PERSONCAR_SHARED_DATA", REPO.parent / "shared" / "data" / "personcar"))
 PRODUCTION_BYTES = 750e6

@@ -54,7 +54,7 @@ def main() -> None:
     from tasks.tfrecords import build_tfrecords
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import pixel_area_copy  # noqa: E402
+    from conftest import pixel_area_copy
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

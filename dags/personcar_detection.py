@@ -26,7 +26,8 @@ import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from tasks.config import PRODUCTION_SOURCE, dag_params
+from tasks.config import PRODUCTION_SOURCE
+from tasks.params import dag_params
 from tasks.dag_tasks import MACROS
 
 BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
@@ -59,19 +60,19 @@ MODEL = Asset(name="personcar_model")
 )
 def personcar_detection() -> None:
     @task(outlets=[DATASET], **NETWORK_RETRIES)
-    def download_dataset(**context):  # noqa: ANN202, ANN003
+    def download_dataset(**context):
         from tasks import dag_tasks
 
         return dag_tasks.download_dataset(context, DATASET)
 
     @task(retries=0)  # a bad dataset does not get better on retry
-    def validate_annotations(download, **context):  # noqa: ANN001, ANN202, ANN003
+    def validate_annotations(download, **context):
         from tasks import dag_tasks
 
         return dag_tasks.validate_annotations(context, download)
 
     @task(outlets=[MODEL], **NETWORK_RETRIES)
-    def publish_report(parts, **context):  # noqa: ANN001, ANN202, ANN003
+    def publish_report(parts, **context):
         from tasks import dag_tasks
 
         return dag_tasks.publish_report(context, parts, MODEL)
@@ -86,19 +87,19 @@ def personcar_detection() -> None:
         parts = {"download": downloaded, "validate": validated}
     else:
         @task
-        def build_tfrecords(validated, download, **context):  # noqa: ANN001, ANN202, ANN003
+        def build_tfrecords(validated, download, **context):
             from tasks import dag_tasks
 
             return dag_tasks.build_tfrecords(context, validated, download)
 
         @task(execution_timeout=timedelta(hours=12))
-        def train(tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
+        def train(tfrecords, **context):
             from tasks import dag_tasks
 
             return dag_tasks.train(context, tfrecords)
 
         @task
-        def evaluate(model, tfrecords, **context):  # noqa: ANN001, ANN202, ANN003
+        def evaluate(model, tfrecords, **context):
             from tasks import dag_tasks
 
             return dag_tasks.evaluate(context, model, tfrecords)

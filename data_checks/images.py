@@ -138,7 +138,7 @@ def check_image_files(images: pd.DataFrame, folder: Path, *, decode: bool = True
     start = time.perf_counter()
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image enforces the limit
-        check = lambda t: check_image_file(t[1], decode=decode, max_pixels=max_pixels)  # noqa: E731
+        check = lambda t: check_image_file(t[1], decode=decode, max_pixels=max_pixels)
         for (i, _), res in zip(todo, pool.map(check, todo), strict=True):
             results[i] = res
             progress.update()

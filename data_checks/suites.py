@@ -249,7 +249,7 @@ def run_suites(tables: Tables, thresholds: Thresholds, docs_dir: Path | None, *,
     frames = {"images": tables.images, "annotations": tables.annotations, "categories": tables.categories}
 
     source = context.data_sources.add_pandas("personcar")
-    run_id = RunIdentifier(run_name="personcar-validate", run_time=dt.datetime.now(dt.timezone.utc))
+    run_id = RunIdentifier(run_name="personcar-validate", run_time=dt.datetime.now(dt.UTC))
     outcomes: list[Outcome] = []
     statistics: dict[str, Any] = {}
     t_run = time.perf_counter()

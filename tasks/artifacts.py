@@ -121,7 +121,7 @@ def check_output_dir(folder: str | os.PathLike[str], outputs: StageOutputs | Non
     try:
         entries = sorted(p.name for p in path.iterdir())
     except OSError as exc:
-        raise PersoncarError(f"{flag} {folder}: cannot list the folder: {exc.strerror or exc}") from None
+        raise PersoncarError(f"{flag} {folder}: cannot list the folder: {exc.strerror or exc}") from exc
     if owned or not entries:
         return path
     if outputs is not None and (outputs.has_marker(path) or not outputs.foreign(entries)):

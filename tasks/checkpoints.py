@@ -262,7 +262,7 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
         with _quiet_tensorflow():  # the half-restored objects list every unused value when collected
             del ckpt, exc
             gc.collect()
-        raise PersoncarError(line) from None
+        raise PersoncarError(line) from exc
     return _count(objs)
 
 

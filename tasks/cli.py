@@ -204,7 +204,7 @@ TRAIN_FLAGS = ("model", "backbone", "epochs", "steps", "batch_size", "image_size
 
 def build_parser() -> argparse.ArgumentParser:
     from tasks import __version__
-    from tasks.config import add_run_flags
+    from tasks.params import add_run_flags
 
     p = _Parser(prog="personcar", description="Person/car detector pipeline stages.")
     p.add_argument("--version", action="version", version=f"personcar {__version__}")

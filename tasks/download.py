@@ -7,63 +7,38 @@ sha256 (or, none given, the remote ETag and size) still matches. Retries belong 
 ``retries``): a failed attempt ends with one line, DEST untouched, and the next resumes the ``.part``
 with a Range request tied to the ETag (If-Range / If-Match), so no changed object is stitched on.
 
-Extract: ``tarfile``'s ``data`` filter plus member, size, ratio and free-disk caps, into a temp folder
-that replaces DEST in one rename once the production layout is there (``atomic_dir``). The project keeps
-its own member checks because the filter strips absolute names instead of refusing them, passes ``..``
-that stays inside, and knows nothing of duplicate members or hardlinks to members not extracted before.
+Extract (:mod:`tasks.extract`): ``tarfile``'s ``data`` filter plus member, size, ratio and free-disk caps,
+into a temp folder that replaces DEST in one rename once the production layout is there (``atomic_dir``).
+The sources (:mod:`tasks.fetch`) do the ranged reads; this module owns the cache and the resume.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
-import http.client
-import io
 import json
-import lzma
 import os
 import re
 import shutil
-import tarfile
 import time
-import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from tasks import __version__
+from tasks import extract, fetch
+from tasks.extract import CHUNK
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
-from tasks.errors import PersoncarError
+from tasks.errors import PersoncarError, one_line
 from tasks.logs import Progress, log
 
 ANNOTATIONS_REL = "trainval/annotations/bbox-annotations.json"
 IMAGES_REL = "trainval/images"
 MANIFEST_NAME = "download_manifest.json"
 OUTPUTS = StageOutputs("download", MANIFEST_NAME, keys=("sha256", "archive_name"), names=("trainval", MANIFEST_NAME))
-CHUNK = 1 << 20
-TIMEOUT_S = 60.0
 _SECRET_QUERY = re.compile(r"signature|credential|token|secret|password|sig$|key$", re.IGNORECASE)
-_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
-_CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)  # an OSError without errno: bad data
-_FILTER_RULES = {  # the data filter's refusals, in the words of the project's own checks
-    tarfile.AbsoluteLinkError: "{kind} to an absolute path {link!r}",
-    tarfile.LinkOutsideDestinationError: "{kind} target {link!r} escapes the destination",
-    tarfile.OutsideDestinationError: "path escapes the destination (through a symlink)",
-    tarfile.SpecialFileError: "device or fifo file",
-}
-
-
-class _Unreachable(PersoncarError):
-    """No answer from the source (connection, timeout, 5xx, throttling): a cached archive may stand in."""
-
-
-class _Changed(PersoncarError):
-    """The object is no longer the one a partial download came from."""
 
 
 class _Source(NamedTuple):
@@ -73,13 +48,6 @@ class _Source(NamedTuple):
     archive_name: str
     fetch: str = ""  # the URL as given, secrets included (http)
     path: Path | None = None
-
-
-class _Body(NamedTuple):
-    offset: int  # where the body starts in the object
-    total: int | None  # the whole object's size
-    validator: str | None  # ETag (or Last-Modified)
-    stream: Any  # read(n), close()
 
 
 def default_cache_dir() -> Path:
@@ -123,7 +91,7 @@ def download_dataset(
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with _locked(Path(f"{entry}.lock"), src.display):
-            remote = None if src.kind == "local" else _Http(src) if src.kind == "http" else _S3(
+            remote = None if src.kind == "local" else fetch.Http(src) if src.kind == "http" else fetch.S3(
                 src, endpoint_url, aws_access_key_id, aws_secret_access_key, aws_session_token, region_name, anonymous,
                 session)
             found = _hash_local(src, entry, expected, progress_every) if remote is None else \
@@ -224,10 +192,6 @@ def _hash_file(path: Path, what: str, progress_every: float) -> Any:
     return h
 
 
-def _one_line(e: object) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _hash_local(src: _Source, entry: Path, expected: str | None, progress_every: float) -> tuple[Path, str, int, bool]:
     """A local archive is hashed in place, once: the hash is recorded against the file's identity."""
     assert src.path is not None
@@ -261,7 +225,7 @@ def _cached(remote: Any, src: _Source, entry: Path, expected: str | None) -> tup
     else:  # no checksum asked for: reuse while the remote object is unchanged
         try:
             probe = remote.open(0, None, probe=True)
-        except _Unreachable as exc:
+        except fetch.Unreachable as exc:
             log.warning("cannot check %s for changes (%s); reusing the cached archive downloaded %s (sha256 %s)",
                         src.display, exc, rec.get("downloaded_at", "earlier"), digest)
             return entry, digest, size, True
@@ -290,7 +254,7 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
         log.info("partial download of %s in the cache: resuming at byte %d of %d", src.display, size, total)
         try:
             body = remote.open(size, validator)
-        except _Changed as exc:
+        except fetch.Changed as exc:
             log.warning("%s: %s; starting again from byte 0", src.display, exc)
     body = body or remote.open(0, None)
     with contextlib.closing(body.stream):
@@ -301,7 +265,7 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
                      src.display, size)
         elif size and body.total != total:  # a server that honours Range but not If-Range / If-Match
             _unlink(part, part_meta)
-            raise _Changed(f"cannot download {src.display}: its size changed from {total} to {body.total} bytes "
+            raise fetch.Changed(f"cannot download {src.display}: its size changed from {total} to {body.total} bytes "
                            "since the partial download, which was deleted; the next run starts again")
         size, validator = body.offset, body.validator or validator
         write_json_atomic(part_meta, {"source": src.uri, "validator": validator, "total": body.total})
@@ -314,7 +278,7 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
                     chunk = body.stream.read(CHUNK if body.total is None else min(CHUNK, body.total - size))
                 except remote.errors as exc:
                     raise PersoncarError(f"cannot download {src.display}: connection lost: "
-                                         f"{type(exc).__name__}: {_one_line(exc)}{kept}") from exc
+                                         f"{type(exc).__name__}: {one_line(exc)}{kept}") from exc
                 if not chunk and body.total is not None:
                     raise PersoncarError(f"cannot download {src.display}: connection closed after {size} of "
                                          f"{body.total} bytes{kept}")
@@ -339,204 +303,6 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
     return entry, h.hexdigest(), size, False
 
 
-def _content_range(value: str | None) -> tuple[int, int | None] | None:
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
-    return (int(m[1]), None if m[2] == "*" else int(m[2])) if m else None
-
-
-class _Http:
-    errors = (OSError, http.client.HTTPException)
-
-    def __init__(self, src: _Source):
-        parts, self.url, self.display = urlsplit(src.fetch), src.fetch, src.display
-        self.headers = {"User-Agent": f"personcar/{__version__}", "Accept-Encoding": "identity"}
-        if parts.username is not None:  # urllib does not send URL credentials by itself
-            creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-            self.headers["Authorization"] = "Basic " + base64.b64encode(creds).decode("ascii")
-            self.url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-    def open(self, start: int, validator: str | None, *, probe: bool = False) -> _Body:
-        headers = dict(self.headers)
-        if probe or start:
-            headers["Range"] = "bytes=0-0" if probe else f"bytes={start}-"
-        if start and validator:
-            headers["If-Range"] = validator  # a changed object comes back whole, from byte 0
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=TIMEOUT_S)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code == 416 and probe:  # an empty object has no byte 0
-                return _Body(0, 0, exc.headers.get("ETag"), io.BytesIO())
-            if exc.code == 416 and start:
-                raise _Changed(f"HTTP 416: the server has no byte {start}") from exc
-            cls = _Unreachable if exc.code in (408, 425, 429) or exc.code >= 500 else PersoncarError
-            raise cls(f"cannot download {self.display}: HTTP {exc.code} {exc.reason}") from exc
-        except urllib.error.URLError as exc:
-            raise _Unreachable(f"cannot download {self.display}: {_one_line(exc.reason)}") from exc
-        except self.errors as exc:
-            raise _Unreachable(f"cannot download {self.display}: {type(exc).__name__}: {_one_line(exc)}") from exc
-        validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-        if resp.status != 206:
-            length = resp.headers.get("Content-Length", "").strip()
-            return _Body(0, int(length) if length.isdigit() else None, validator, resp)
-        if (cr := _content_range(resp.headers.get("Content-Range"))) is None:
-            resp.close()
-            raise PersoncarError(f"cannot download {self.display}: bad Content-Range {resp.headers['Content-Range']!r}")
-        return _Body(*cr, validator, resp)
-
-
-class _S3:
-    def __init__(self, src: _Source, endpoint_url: str | None, key_id: str | None, secret: str | None,
-                 token: str | None, region: str | None, anonymous: bool | None, session: Any = None):
-        import boto3
-        import urllib3
-        from botocore import UNSIGNED
-        from botocore import exceptions as bx
-        from botocore.config import Config
-
-        self.bucket, _, self.key = src.uri[5:].partition("/")
-        self.display, self.bx, self.errors = src.display, bx, (OSError, bx.BotoCoreError, urllib3.exceptions.HTTPError)
-        if bool(key_id) != bool(secret) or (anonymous and key_id):
-            raise PersoncarError("give both aws_access_key_id and aws_secret_access_key or neither, and neither "
-                                 "with anonymous access")
-        try:
-            session = session or boto3.session.Session(key_id or None, secret or None, token or None, region or None)
-            creds = None if anonymous else session.get_credentials()
-            if anonymous is False and creds is None:
-                raise PersoncarError(f"no AWS credentials found for {src.display} and anonymous access is disabled; "
-                                     "set an AWS connection or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-            self.anonymous = creds is None
-            log.info("S3 access to %s: %s", src.display, "anonymous (unsigned requests)" if self.anonymous
-                     else f"signed (credentials from {getattr(creds, 'method', 'unknown')})")
-            config = Config(retries={"total_max_attempts": 1}, connect_timeout=20, read_timeout=TIMEOUT_S,
-                            **({"signature_version": UNSIGNED} if self.anonymous else {}))
-            self.client = session.client("s3", endpoint_url=endpoint_url or None, config=config)
-        except (bx.BotoCoreError, ValueError) as exc:
-            raise PersoncarError(f"cannot set up S3 access for {src.display}: {_one_line(exc)}") from exc
-
-    def open(self, start: int, validator: str | None, *, probe: bool = False) -> _Body:
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if probe or start:
-            kw["Range"] = "bytes=0-0" if probe else f"bytes={start}-"
-        if start and validator:
-            kw["IfMatch"] = validator  # a changed object: 412, and the caller starts from byte 0
-        try:
-            r = self.client.get_object(**kw)
-        except self.bx.ClientError as exc:
-            err, meta = exc.response.get("Error") or {}, exc.response.get("ResponseMetadata") or {}
-            code, status = str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
-            if probe and (code == "InvalidRange" or status == 416):  # an empty object has no byte 0
-                return _Body(0, 0, None, io.BytesIO())
-            raise self._refusal(code, status, _one_line(err.get("Message") or ""), start) from exc
-        except self.bx.BotoCoreError as exc:
-            network = isinstance(exc, (self.bx.ConnectionError, self.bx.HTTPClientError))
-            raise (_Unreachable if network else PersoncarError)(
-                f"cannot download {self.display}: {type(exc).__name__}: {_one_line(exc)}") from exc
-        return _Body(*(_content_range(r.get("ContentRange")) or (0, r.get("ContentLength"))), r.get("ETag"), r["Body"])
-
-    def _refusal(self, code: str, status: int, msg: str, start: int) -> PersoncarError:
-        detail = ": ".join(x for x in (code or str(status), msg) if x)
-        if code == "NoSuchBucket":
-            return PersoncarError(f"cannot download {self.display}: bucket '{self.bucket}' does not exist")
-        if code in ("NoSuchKey", "NotFound") or status == 404:
-            return PersoncarError(f"cannot download {self.display}: no object '{self.key}' in bucket '{self.bucket}'")
-        if start and (code in ("PreconditionFailed", "InvalidRange") or status in (412, 416)):
-            return _Changed("the S3 object changed since the partial download (ETag differs)")
-        if status == 403 or code in ("AccessDenied", "AllAccessDisabled"):
-            how = ("an anonymous (unsigned) request; give credentials (an AWS connection or AWS_ACCESS_KEY_ID/"
-                   "AWS_SECRET_ACCESS_KEY) for a private object") if self.anonymous else \
-                f"the given credentials (S3 {detail})"
-            return PersoncarError(f"access denied to {self.display} with {how}")
-        cls = _Unreachable if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout") else PersoncarError
-        return cls(f"cannot download {self.display}: S3 {detail}")
-
-
-# -- safe extraction -------------------------------------------------------------------------------
-
-def _unsafe(name: str, archive_name: str, rule: str) -> PersoncarError:
-    return PersoncarError(f"unsafe archive member {name!r} in {archive_name}: {rule}")
-
-
-def _check_member(m: tarfile.TarInfo, archive_name: str, seen: dict[str, str]) -> tarfile.TarInfo | None:
-    """The member under its cleaned name (None: skip it); refuses what the data filter would let through."""
-    parts = [p for p in m.name.split("/") if p not in ("", ".")]
-    name, kind = "/".join(parts), "dir" if m.isdir() else "link" if m.issym() or m.islnk() else "file"
-    if m.name.startswith("/") or os.path.isabs(m.name):
-        raise _unsafe(m.name, archive_name, "absolute path")
-    if ".." in parts:
-        raise _unsafe(m.name, archive_name, "path escapes the destination")
-    if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.isdev()):  # devices: the data filter refuses them
-        raise _unsafe(m.name, archive_name, f"unsupported member type {m.type!r}")
-    if not name:
-        if m.isdir():
-            return None  # "./": the destination itself
-        raise _unsafe(m.name, archive_name, "member has no name")
-    if name in seen and (seen[name], kind) != ("dir", "dir"):
-        raise _unsafe(m.name, archive_name, "duplicate member (a later copy would overwrite an earlier one)")
-    seen[name] = kind
-    if not m.islnk():
-        return m.replace(name=name, deep=False)
-    link = "/".join(p for p in m.linkname.split("/") if p not in ("", "."))
-    if os.path.isabs(m.linkname):
-        raise _unsafe(m.name, archive_name, f"hardlink to an absolute path {m.linkname!r}")
-    if ".." in link.split("/"):
-        raise _unsafe(m.name, archive_name, f"hardlink target {m.linkname!r} escapes the destination")
-    if seen.get(link) != "file":
-        raise _unsafe(m.name, archive_name, f"hardlink target {m.linkname!r} is not an earlier regular file")
-    return m.replace(name=name, linkname=link, deep=False)
-
-
-def _over(caps: list[tuple[int, str]], total: int) -> str | None:
-    return next((rule for cap, rule in caps if total > cap), None)
-
-
-def _extract_members(archive: Path, name: str, root: Path, caps: list[tuple[int, str]], max_members: int,
-                     progress_every: float) -> tuple[int, int]:
-    """Extract ``archive`` into the empty folder ``root``; returns (members, extracted bytes)."""
-    members = extracted = 0
-    current, where, seen = "(archive header)", "at the first member", {}
-    progress = Progress(f"extracting {name}", archive.stat().st_size, unit="bytes", every=progress_every)
-    with open(archive, "rb") as raw:
-        head = raw.read(6)
-        raw.seek(0)
-        compression = next((c for magic, c in _MAGIC if head.startswith(magic)), "")
-        try:
-            with tarfile.open(fileobj=raw, mode=f"r:{compression}", errorlevel=2) as tf:
-                while (m := tf.next()) is not None:
-                    current, where, members = m.name, f"after member {m.name!r}", members + 1
-                    if members > max_members:
-                        raise _unsafe(m.name, name, f"more than max_members={max_members} members (decompression "
-                                      "bomb cap)")
-                    if (m := _check_member(m, name, seen)) is None:
-                        continue
-                    extracted += m.size if m.isreg() else 0
-                    if m.isreg() and (rule := _over(caps, extracted)):
-                        raise _unsafe(m.name, name, f"extracted size would exceed {rule}")
-                    tf.extract(m, root, set_attrs=True, filter="data")
-                    progress.update(raw.tell() - progress.done)
-                # read to the end of the compressed stream: a truncated trailer or data after the archive is
-                # an error, and what is read counts toward the caps
-                where, trailing = "at the end of the archive", 0
-                while block := tf.fileobj.read(CHUNK):  # type: ignore[union-attr]
-                    trailing += len(block)
-                    if rule := _over(caps, extracted + trailing):
-                        raise _unsafe("(end of archive)", name, f"data after the end of the archive exceeds {rule}")
-        except tarfile.FilterError as exc:
-            rule = _FILTER_RULES.get(type(exc), "{text}")
-            raise _unsafe(current, name, rule.format(kind="symlink" if exc.tarinfo.issym() else "hardlink",
-                                                     link=exc.tarinfo.linkname, text=_one_line(exc))) from exc
-        except _CORRUPT as exc:
-            if isinstance(exc, OSError) and exc.errno is not None:  # disk full, permissions
-                raise PersoncarError(f"cannot extract member {current!r} of {name} ({extracted} bytes so far): "
-                                     f"{exc.strerror}") from exc
-            if not members and not compression:
-                raise PersoncarError(f"{name} is not a readable .tar.gz/.tgz/.tar archive: {_one_line(exc)}") from exc
-            raise PersoncarError(f"corrupt or truncated archive {name} {where}: {_one_line(exc)}") from exc
-        progress.update(raw.tell() - progress.done)
-    progress.finish()
-    return members, extracted
-
-
 def _extract_into(archive: Path, digest: str, size: int, reused: bool, dest: Path, src: _Source,
                   caps: tuple[int, float, int], max_members: int, progress_every: float, t0: float) -> dict[str, Any]:
     with atomic_dir(dest, OUTPUTS, flag="--dest") as tmp:
@@ -546,7 +312,7 @@ def _extract_into(archive: Path, digest: str, size: int, reused: bool, dest: Pat
                   "bomb cap)"),
                  (max(free - keep, 0), f"the free disk space ({free} bytes free at {tmp.parent}, min_free_bytes={keep} "
                   "kept)")]
-        members, extracted = _extract_members(archive, src.archive_name, tmp, rules, max_members, progress_every)
+        members, extracted = extract.extract_members(archive, src.archive_name, tmp, rules, max_members, progress_every)
         missing = [rel for rel, ok in ((ANNOTATIONS_REL, (tmp / ANNOTATIONS_REL).is_file()),
                                        (IMAGES_REL + "/", (tmp / IMAGES_REL).is_dir())) if not ok]
         if missing:

@@ -16,3 +16,8 @@ class DataValidationError(PersoncarError):
     """The dataset failed validation (fatal defects, or repairable ones above threshold)."""
 
     exit_code = 1
+
+
+def one_line(text: object) -> str:
+    """``text`` (an exception or message) on one line, for a log line or a CLI error."""
+    return " ".join(str(text).split()) or type(text).__name__

@@ -9,17 +9,8 @@
   A value of -1 is COCO's "no ground truth in this bucket".
 - ``OUT/pr_curves.json``: per class, the interpolated precision at COCO's 101 recall thresholds
   (``COCOeval.eval['precision']``, all areas, 100 detections) at IoU .50 and .75.
-- ``OUT/error_analysis.json``: detections scoring at least ``score_threshold`` are matched to the
-  ground truth greedily by score (same class, IoU >= ``iou_match``, as COCO does); each false
-  positive gets the first type that applies, in this order:
-
-  1. ``duplicate``: IoU >= ``iou_match`` with a same-class box already matched by a higher score;
-  2. ``confusion``: IoU >= ``iou_match`` with a box of another class (person <-> car);
-  3. ``localisation``: IoU in [0.1, ``iou_match``) with a same-class box;
-  4. ``background``: none of the above.
-
-  Missed boxes (false negatives) are counted by COCO size bucket of their pixel ``area``
-  (small < 32^2 <= medium < 96^2 <= large), and images are ranked by error count (FP + FN).
+- ``OUT/error_analysis.json``: false positives by type, missed boxes by size and the worst images,
+  at ``score_threshold`` (:mod:`tasks.error_analysis`).
 - ``OUT/detections.json``: a byte copy of the evaluated detections, so the folder is complete
   on its own (the report draws samples from it).
 
@@ -34,10 +25,10 @@ import json
 import math
 import shutil
 import tempfile
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from tasks.error_analysis import error_analysis
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
 from tasks.errors import PersoncarError
 from tasks.logs import log
@@ -66,24 +57,12 @@ COCO_STAT_NAMES = (
     "DetectionBoxes_Recall/AR@100 (large)",
 )
 
-SIZE_BUCKETS = ("small", "medium", "large")
-FP_TYPES = ("localisation", "confusion", "duplicate", "background")
-LOCALISATION_MIN_IOU = 0.1
 
 
 def per_class_key(class_name: str, iou: str | None = None) -> str:
     """``DetectionBoxes_PerformanceByCategory/mAP/<class>`` (``iou`` ``".50"`` or ``".75"``: at that IoU)."""
     metric = "mAP" if iou is None else f"mAP@{iou}IOU"
     return f"{PER_CLASS_PREFIX}{metric}/{class_name}"
-
-
-def size_bucket(area: float) -> str:
-    """COCO's size bucket of a pixel area."""
-    if area < 32**2:
-        return "small"
-    if area < 96**2:
-        return "medium"
-    return "large"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -96,7 +75,7 @@ def _load_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from None
+        raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from e
 
 
 def _is_number(x: Any) -> bool:
@@ -111,7 +90,7 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PersoncarError(f"{path}: not valid JSON ({exc})") from None
+        raise PersoncarError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise PersoncarError(f"{path}: must be a JSON object of metric names to values")
     return data
@@ -132,6 +111,8 @@ def load_ground_truth(path: str | Path) -> dict[str, Any]:
     for i, img in enumerate(gt["images"]):
         if not isinstance(img, dict) or "id" not in img:
             raise PersoncarError(f"{path}: images[{i}] has no 'id'")
+        if img["id"] in image_ids:
+            raise PersoncarError(f"{path}: images[{i}] repeats image id {img['id']!r} (ids must be unique)")
         image_ids.add(img["id"])
     cat_ids = {c.get("id") for c in gt["categories"] if isinstance(c, dict)}
     for i, ann in enumerate(gt["annotations"]):
@@ -265,7 +246,7 @@ def _iou_index(ev, iou: float) -> int:
 
 def metrics_from_eval(ev, categories: list[dict[str, Any]]) -> dict[str, float]:
     """OD API metric names from an evaluated COCOeval, plus AP per class (overall, .50, .75)."""
-    metrics = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats)}
+    metrics = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats, strict=True)}
     precision = ev.eval["precision"]  # [T, R, K, A, M]
     area_all = ev.params.areaRngLbl.index("all")
     max_det = len(ev.params.maxDets) - 1  # 100
@@ -313,126 +294,6 @@ def pr_curves_from_eval(ev, categories: list[dict[str, Any]]) -> dict[str, Any]:
             }
         out["classes"][str(c.get("name", c["id"]))] = entry
     return out
-
-
-# --------------------------------------------------------------------------- error analysis
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ax2, ay2 = a[0] + a[2], a[1] + a[3]
-    bx2, by2 = b[0] + b[2], b[1] + b[3]
-    iw = min(ax2, bx2) - max(a[0], b[0])
-    ih = min(ay2, by2) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
-def error_analysis(gt: dict[str, Any], dets: list[dict[str, Any]], *, iou_match: float = 0.5,
-                   score_threshold: float = 0.3, worst_k: int = 10) -> dict[str, Any]:
-    """Classify false positives and false negatives of the detections scoring >= ``score_threshold``."""
-    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
-    images = {img["id"]: img for img in gt["images"]}
-    gts_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for a in gt["annotations"]:
-        gts_by_image[a["image_id"]].append(a)
-    dets_by_image: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-    n_below = 0
-    for i, d in enumerate(dets):
-        if d["score"] >= score_threshold:
-            dets_by_image[d["image_id"]].append((i, d))
-        else:
-            n_below += 1
-
-    fp = {n: Counter() for n in names.values()}
-    tp = Counter()
-    fn = {n: Counter() for n in names.values()}
-    gt_by_size = {n: Counter() for n in names.values()}
-    ignored = 0
-    per_image = []
-    for image_id in sorted(images, key=lambda i: (str(type(i)), i)):
-        gts = gts_by_image.get(image_id, [])
-        real = [g for g in gts if not g.get("iscrowd", 0)]
-        crowd = [g for g in gts if g.get("iscrowd", 0)]
-        matched: set[int] = set()
-        img_fp, img_fn, img_tp = Counter(), Counter(), 0
-        # Highest score first; ties keep file order (stable sort), as COCOeval does.
-        for _, d in sorted(dets_by_image.get(image_id, []), key=lambda t: -t[1]["score"]):
-            cname = names[d["category_id"]]
-            same = [(j, _iou(d["bbox"], g["bbox"])) for j, g in enumerate(real)
-                    if g["category_id"] == d["category_id"]]
-            free = [(j, v) for j, v in same if j not in matched and v >= iou_match]
-            if free:
-                j = max(free, key=lambda t: (t[1], -t[0]))[0]
-                matched.add(j)
-                tp[cname] += 1
-                img_tp += 1
-                continue
-            if any(_iou(d["bbox"], g["bbox"]) >= iou_match for g in crowd
-                   if g["category_id"] == d["category_id"]):
-                ignored += 1
-                continue
-            if any(j in matched and v >= iou_match for j, v in same):
-                kind = "duplicate"
-            elif any(g["category_id"] != d["category_id"] and _iou(d["bbox"], g["bbox"]) >= iou_match
-                     for g in real):
-                kind = "confusion"
-            elif any(LOCALISATION_MIN_IOU <= v < iou_match for _, v in same):
-                kind = "localisation"
-            else:
-                kind = "background"
-            fp[cname][kind] += 1
-            img_fp[kind] += 1
-        for j, g in enumerate(real):
-            cname = names[g["category_id"]]
-            bucket = size_bucket(float(g["area"]))
-            gt_by_size[cname][bucket] += 1
-            if j not in matched:
-                fn[cname][bucket] += 1
-                img_fn[bucket] += 1
-        n_err = sum(img_fp.values()) + sum(img_fn.values())
-        if n_err:
-            img = images[image_id]
-            per_image.append({
-                "image_id": image_id,
-                "file_name": str(img.get("file_name", image_id)),
-                "errors": n_err,
-                "false_positives": sum(img_fp.values()),
-                "false_negatives": sum(img_fn.values()),
-                "true_positives": img_tp,
-                "false_positives_by_type": {k: img_fp[k] for k in FP_TYPES},
-                "false_negatives_by_size": {k: img_fn[k] for k in SIZE_BUCKETS},
-            })
-    per_image.sort(key=lambda r: (-r["errors"], r["file_name"], str(r["image_id"])))
-
-    def total(counter_by_class: dict[str, Counter], keys: tuple[str, ...]) -> dict[str, int]:
-        return {k: sum(c[k] for c in counter_by_class.values()) for k in keys}
-
-    return {
-        "score_threshold": score_threshold,
-        "iou_match": iou_match,
-        "localisation_min_iou": LOCALISATION_MIN_IOU,
-        "detections_considered": len(dets) - n_below,
-        "detections_below_threshold": n_below,
-        "detections_ignored_crowd": ignored,
-        "true_positives": {"total": sum(tp.values()), "by_class": {n: tp[n] for n in names.values()}},
-        "false_positives": {
-            "total": sum(sum(c.values()) for c in fp.values()),
-            "by_type": total(fp, FP_TYPES),
-            "by_class": {n: {k: fp[n][k] for k in FP_TYPES} for n in names.values()},
-        },
-        "false_negatives": {
-            "total": sum(sum(c.values()) for c in fn.values()),
-            "by_size": total(fn, SIZE_BUCKETS),
-            "by_class": {n: {k: fn[n][k] for k in SIZE_BUCKETS} for n in names.values()},
-            "ground_truth_by_size": total(gt_by_size, SIZE_BUCKETS),
-            "ground_truth_by_class": {n: {k: gt_by_size[n][k] for k in SIZE_BUCKETS}
-                                      for n in names.values()},
-        },
-        "worst_images": per_image[:max(worst_k, 0)],
-    }
 
 
 # --------------------------------------------------------------------------- stage

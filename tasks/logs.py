@@ -37,9 +37,9 @@ class Progress:
     def _emit(self, now: float) -> None:
         rate = (self.done - self._base) / max(now - self.start, 1e-9)
         if self.unit == "bytes":
-            count, speed = "%d bytes" % self.done, "%.1f MB/s" % (rate / 1e6)
+            count, speed = f"{self.done} bytes", f"{rate / 1e6:.1f} MB/s"
             if self.total:
-                count = "%d of %d bytes" % (self.done, self.total)
+                count = f"{self.done} of {self.total} bytes"
         else:
             count, speed = f"{self.done} {self.unit}", f"{rate:.1f} {self.unit}/s"
             if self.total:

@@ -108,16 +108,7 @@ def publish(
     "latest", "entry"}``: ``uri`` is the run folder, ``report_url`` the published ``report.html``
     (``s3://`` or ``file://``), ``previous_promoted_run`` the run id the gate compared against.
     """
-    if storage.is_remote(src):
-        raise PersoncarError(f"{src}: the report folder to publish must be local (a path or file:// URI)")
-    src = storage.local_path(src)
-    if not src.is_dir():
-        raise PersoncarError(f"{src}: report folder to publish does not exist")
-    run = safe_run_id(run_id)
-    if run in _RESERVED:
-        raise PersoncarError(f"run id {run_id!r} is reserved at the publish destination")
-    dest = normalize_dest(dest)
-    gate = _check_gate(gate)
+    src, run, dest, gate = _checked(src, run_id, dest, gate)
     files = _collect_files(src, extra_files or {})
     if not files:
         raise PersoncarError(f"{src}: report folder is empty, nothing to publish")
@@ -126,62 +117,13 @@ def publish(
     all_metrics = load_metrics(metrics_file) if metrics_file else {}
     if metrics_file is None:
         log.warning("%s: no metrics.json; the run is indexed without metrics and cannot be promoted", src)
-    report_rel = "report.html" if "report.html" in names else next(
-        (n for n in names if n.endswith(".html")), None)
-
+    report_rel = "report.html" if "report.html" in names else next((n for n in names if n.endswith(".html")), None)
     where = {"endpoint_url": endpoint_url, "conn_id": conn_id}
     run_uri = storage.join_uri(dest, run)
-    republished = _check_owned_folders(dest, run, where)
-
-    # 1. The run folder, mirrored (re-publishing leaves exactly one copy).
-    log.info("publishing %d files from %s to %s/", len(files), src, run_uri)
-    if storage.is_remote(dest):
-        storage.upload_files(files, run_uri, delete=True, **where)
-    else:
-        with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished,
-                        flag="--dest") as tmp:
-            for rel, path in files:
-                storage.copy_file_atomic(path, tmp / rel)
-
-    # 2. The index entry, with the gate decided against the index as it is at write time.
-    gate_value = _metric_value(all_metrics, gate["metric"])  # for the log line
-    per_class = _class_metrics(all_metrics)
-    decided: dict[str, Any] = {}
-
-    def change(entries: list[dict]) -> list[dict]:
-        others = [e for e in entries if e.get("run_id") != run]
-        previous = last_promoted(others)
-        verdict = gate_verdict(all_metrics, previous, gate)
-        entry = {
-            "run_id": run,
-            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "metrics": _index_metrics(all_metrics, gate["metric"]),
-            **({"per_class": per_class} if per_class else {}),
-            "promoted": verdict["promoted"],
-            "report": f"{run}/{report_rel}" if report_rel else None,
-            "gate": {k: verdict[k] for k in ("metric", "margin", "value", "baseline_run_id", "baseline_value")},
-            **({"model": model} if model else {}),
-        }
-        decided.update(entry=entry, previous=previous)
-        positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]
-        if positions:
-            new = [e for i, e in enumerate(entries) if i not in positions[1:]]
-            new[positions[0]] = entry
-            return new
-        return [*entries, entry]
-
-    update_index(dest, change, **where)
-    entry, previous = decided["entry"], decided["previous"]
-    log.info("run %s indexed in %s: %s %s (baseline %s from %s, margin %s) -> %s", run,
-             storage.join_uri(dest, INDEX_NAME), gate["metric"], _fmt(gate_value),
-             _fmt(entry["gate"]["baseline_value"]), entry["gate"]["baseline_run_id"] or "no promoted run",
-             gate["margin"], "promoted" if entry["promoted"] else "not promoted")
-
-    # 3. latest/, pointer last.
-    latest_uri = None
-    if entry["promoted"]:
-        latest_uri = _update_latest(dest, run, entry, files, where)
-
+    _mirror_run_folder(files, dest, run, where)  # 1. the run folder (re-publishing leaves one copy)
+    entry, previous = _index_run(dest, run, all_metrics, gate, where, extra={  # 2. the index entry and the gate
+        "report": f"{run}/{report_rel}" if report_rel else None, **({"model": model} if model else {})})
+    latest_uri = _update_latest(dest, run, entry, files, where) if entry["promoted"] else None  # 3. latest/
     return {
         "run_id": run,
         "uri": f"{run_uri}/",
@@ -193,6 +135,65 @@ def publish(
         "latest": latest_uri,
         "entry": entry,
     }
+
+
+def _checked(src: str | Path, run_id: str, dest: str, gate: dict | None) -> tuple[Path, str, str, dict[str, Any]]:
+    if storage.is_remote(src):
+        raise PersoncarError(f"{src}: the report folder to publish must be local (a path or file:// URI)")
+    src = storage.local_path(src)
+    if not src.is_dir():
+        raise PersoncarError(f"{src}: report folder to publish does not exist")
+    run = safe_run_id(run_id)
+    if run in _RESERVED:
+        raise PersoncarError(f"run id {run_id!r} is reserved at the publish destination")
+    return src, run, normalize_dest(dest), _check_gate(gate)
+
+
+def _mirror_run_folder(files: list[tuple[str, Path]], dest: str, run: str, where: dict[str, Any]) -> None:
+    run_uri = storage.join_uri(dest, run)
+    republished = _check_owned_folders(dest, run, where)
+    log.info("publishing %d files to %s/", len(files), run_uri)
+    if storage.is_remote(dest):
+        storage.upload_files(files, run_uri, delete=True, **where)
+        return
+    with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished, flag="--dest") as tmp:
+        for rel, path in files:
+            storage.copy_file_atomic(path, tmp / rel)
+
+
+def _index_run(dest: str, run: str, metrics: dict[str, Any], gate: dict[str, Any], where: dict[str, Any],
+               extra: dict[str, Any]) -> tuple[dict, dict | None]:
+    """Write the run's index entry, the gate decided against the index as it is at write time."""
+    decided: dict[str, Any] = {}
+    per_class = _class_metrics(metrics)
+
+    def change(entries: list[dict]) -> list[dict]:
+        previous = last_promoted([e for e in entries if e.get("run_id") != run])
+        verdict = gate_verdict(metrics, previous, gate)
+        entry = {
+            "run_id": run,
+            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "metrics": _index_metrics(metrics, gate["metric"]),
+            **({"per_class": per_class} if per_class else {}),
+            "promoted": verdict["promoted"],
+            "gate": {k: verdict[k] for k in ("metric", "margin", "value", "baseline_run_id", "baseline_value")},
+            **extra,
+        }
+        decided.update(entry=entry, previous=previous)
+        positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]
+        if not positions:
+            return [*entries, entry]
+        new = [e for i, e in enumerate(entries) if i not in positions[1:]]
+        new[positions[0]] = entry
+        return new
+
+    update_index(dest, change, **where)
+    entry = decided["entry"]
+    log.info("run %s indexed in %s: %s %s (baseline %s from %s, margin %s) -> %s", run,
+             storage.join_uri(dest, INDEX_NAME), gate["metric"], _fmt(_metric_value(metrics, gate["metric"])),
+             _fmt(entry["gate"]["baseline_value"]), entry["gate"]["baseline_run_id"] or "no promoted run",
+             gate["margin"], "promoted" if entry["promoted"] else "not promoted")
+    return entry, decided["previous"]
 
 
 def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None) -> list[dict]:
@@ -484,8 +485,8 @@ def _check_gate(gate: dict | None) -> dict[str, Any]:
         raise PersoncarError(f"quality gate: 'metric' must be a metric name, got {metric!r}")
     try:
         margin = float(margin)
-    except (TypeError, ValueError):
-        raise PersoncarError(f"quality gate: 'margin' must be a number, got {margin!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise PersoncarError(f"quality gate: 'margin' must be a number, got {margin!r}") from exc
     if not math.isfinite(margin) or margin < 0:
         raise PersoncarError(f"quality gate: 'margin' must be a finite number >= 0, got {margin!r}")
     return {"metric": metric, "margin": margin}

@@ -246,7 +246,7 @@ def errors(e: Any, missing: list[str]) -> dict | None:
                                     f"{fmt(e.get('detections_below_threshold'))} below the threshold.",
                            "fp": None, "fn": None, "worst": None}
     fp, fn = e.get("false_positives") or {}, e.get("false_negatives") or {}
-    types, sizes = list((fp.get("by_type") or {})), list((fn.get("by_size") or {}))
+    types, sizes = list(fp.get("by_type") or {}), list(fn.get("by_size") or {})
     if types:
         rows = [[c] + [n.get(t) for t in types] + [sum(v for v in n.values() if is_num(v))]
                 for c, n in (fp.get("by_class") or {}).items()]

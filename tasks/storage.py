@@ -355,10 +355,10 @@ def read_bytes(uri: str, **where: Any) -> bytes | None:
     with storage_errors(uri, "read"):
         try:  # one GET (a file object would pin the ETag it first saw: a busy index fails that check)
             return p.fs.cat_file(p.path)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             if is_remote(uri) and not p.fs.exists(split_s3(uri)[0]):
                 raise StorageError(f"read {uri} failed: bucket {split_s3(uri)[0]!r} does not exist",
-                                   code="NoSuchBucket", bucket=split_s3(uri)[0]) from None
+                                   code="NoSuchBucket", bucket=split_s3(uri)[0]) from exc
             return None
 
 

@@ -94,7 +94,7 @@ def make_example(rec: ImageRecord, image_path: Path, names: dict[int, str],
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image enforces the limit
             im = open_image(image_path, max_pixels or Thresholds().max_image_pixels)
     except ImageTooLarge as exc:
-        raise PersoncarError(f"{image_path}: image too large: {exc} (rule: image_too_large)") from None
+        raise PersoncarError(f"{image_path}: image too large: {exc} (rule: image_too_large)") from exc
     with im:  # header only: format and size, no decode
         fmt, (w, h) = FORMATS.get(im.format or "", ""), im.size
     if not fmt:
@@ -164,7 +164,7 @@ def split_images(records: list[ImageRecord], val_fraction: float) -> tuple[list[
                 train.remove(move)
                 val.append(move)
                 log.info("split: moved %s to val so that class %d is evaluated", move.image["file_name"], cat)
-    key = lambda r: r.image["id"]  # noqa: E731
+    key = lambda r: r.image["id"]
     return sorted(train, key=key), sorted(val, key=key)
 
 

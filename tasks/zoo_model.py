@@ -31,17 +31,17 @@ from typing import Any
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
-from official.core import config_definitions as cfg  # noqa: E402
-from official.core import exp_factory  # noqa: E402
-from official.modeling import hyperparams, tf_utils  # noqa: E402
-from official.vision.configs import backbones as backbones_cfg  # noqa: E402
-from official.vision.configs import decoders as decoders_cfg  # noqa: E402
-from official.vision.configs import retinanet as retinanet_cfg  # noqa: E402
-from official.vision.modeling.backbones import factory as backbone_factory  # noqa: E402
-from official.vision.modeling.decoders import factory as decoder_factory  # noqa: E402
-from tf_keras.src.applications import resnet as keras_resnet  # noqa: E402
+import tensorflow as tf
+import tf_keras
+from official.core import config_definitions as cfg
+from official.core import exp_factory
+from official.modeling import hyperparams, tf_utils
+from official.vision.configs import backbones as backbones_cfg
+from official.vision.configs import decoders as decoders_cfg
+from official.vision.configs import retinanet as retinanet_cfg
+from official.vision.modeling.backbones import factory as backbone_factory
+from official.vision.modeling.decoders import factory as decoder_factory
+from tf_keras.src.applications import resnet as keras_resnet
 
 EXPERIMENT = "personcar_ssd_resnet_fpn"
 # Keras' layer names of the stage outputs that feed the FPN (levels 2..5), per depth.
@@ -112,7 +112,7 @@ class _OdApiLayers:
         self._depth_multiplier, self._min_depth = depth_multiplier, min_depth
         self._regularizer = kernel_regularizer
 
-    def Conv2D(self, filters: int, kernel_size: int, **kwargs: Any) -> Any:  # noqa: N802 (Keras' name)
+    def Conv2D(self, filters: int, kernel_size: int, **kwargs: Any) -> Any:
         filters = max(int(filters * self._depth_multiplier), self._min_depth)
         kwargs.update(use_bias=False, padding="same", kernel_regularizer=self._regularizer,
                       kernel_initializer="VarianceScaling")
@@ -125,17 +125,17 @@ class _OdApiLayers:
             return lambda x: conv(pad(x))
         return tf_keras.layers.Conv2D(filters, kernel_size, **kwargs)
 
-    def Activation(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802, ARG002
+    def Activation(self, *args: Any, **kwargs: Any) -> Any:
         return tf_keras.layers.Activation(tf_utils.get_activation(self._activation), name=kwargs.get("name"))
 
-    def BatchNormalization(self, **kwargs: Any) -> Any:  # noqa: N802
+    def BatchNormalization(self, **kwargs: Any) -> Any:
         return tf_keras.layers.BatchNormalization(axis=-1, name=kwargs.get("name"), **self._bn)
 
-    def MaxPooling2D(self, pool_size: int, **kwargs: Any) -> Any:  # noqa: N802
+    def MaxPooling2D(self, pool_size: int, **kwargs: Any) -> Any:
         kwargs["padding"] = "same"
         return tf_keras.layers.MaxPooling2D(pool_size, **kwargs)
 
-    def ZeroPadding2D(self, padding: Any, **kwargs: Any) -> Any:  # noqa: N802, ARG002
+    def ZeroPadding2D(self, padding: Any, **kwargs: Any) -> Any:
         return lambda x: x  # the OD API replaces Keras' explicit padding with the fixed padding above
 
     def __getattr__(self, item: str) -> Any:

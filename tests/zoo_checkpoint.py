@@ -30,7 +30,7 @@ def keras_backbone_layers(depth: int, width: float) -> list[tuple[str, str, tupl
     from tf_keras.src.applications import resnet
 
     class Widened:  # only scales filters, as the OD API's depth_multiplier does; layers otherwise Keras' own
-        def Conv2D(self, filters: int, kernel: int, **kwargs: Any) -> Any:  # noqa: N802
+        def Conv2D(self, filters: int, kernel: int, **kwargs: Any) -> Any:
             return tf_keras.layers.Conv2D(max(int(filters * width), 16), kernel, **kwargs)
 
         def __getattr__(self, item: str) -> Any:

@@ -520,7 +520,7 @@ def test_dag_is_served_with_six_tasks_in_order_and_a_weekly_cron_schedule(airflo
     assert (when.weekday(), when.hour, when.minute) == (0, 3, 0), next_run  # Mondays 03:00 UTC
     tasks = {t["task_id"]: t for t in airflow.api("GET", f"/dags/{DAG_ID}/tasks")["tasks"]}
     assert sorted(tasks) == sorted(TASKS)
-    for upstream, downstream in zip(TASKS, TASKS[1:]):  # each stage feeds the next (and later ones)
+    for upstream, downstream in zip(TASKS, TASKS[1:], strict=False):  # each stage feeds the next (and later ones)
         assert downstream in tasks[upstream]["downstream_task_ids"], upstream
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
+import contextlib
 
 N_IMAGES = 4
 FAST = {"progress_every": 3600}
@@ -628,10 +629,8 @@ class DroppingProxy:
             pass
         finally:
             for s in (conn, up):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
     def ranges(self) -> list[str]:

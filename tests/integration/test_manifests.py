@@ -173,37 +173,32 @@ def _verb(method: str, name: str | None, params: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def used_permissions(tmp_path_factory: pytest.TempPathFactory) -> set[tuple[str, str, str]]:
     """(API group, resource[/subresource], verb) of every request a trainer task makes, for a pod
-    that succeeds and one that fails."""
+    that succeeds and one that fails (on the emulated node, whose own calls are not the worker's)."""
     from airflow.exceptions import AirflowException
 
-    from tests.integration.test_k8s_kmock import LOG_LINES, NAMESPACE, KubeApi, PodScript, _run_train_task
+    from tests.integration.test_k8s_kmock import NAMESPACE, run_train_task
+    from tests.kubelet import AGENT, Cluster
 
     used: set[tuple[str, str, str]] = set()
-    scripts = [PodScript(log_lines=LOG_LINES),
-               PodScript(log_lines=["personcar: error: no data"], exit_code=1, message="personcar: error: no data")]
-    for i, script in enumerate(scripts):
-        kube = KubeApi(script).start()
-        try:
-            kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config",
-                "clusters": [{"name": "kmock", "cluster": {"server": kube.url, "insecure-skip-tls-verify": True}}],
-                "users": [{"name": "kmock", "user": {"token": "not-a-secret"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
-                                                            "namespace": NAMESPACE}}],
-                "current-context": "kmock"}))
-            if script.exit_code:
+    pods = [(["--version"], False),  # the CLI, exit 0
+            (["train", "--data", "s3://personcar/x", "--model-dir", "s3://personcar/y", "--steps", "0"], True)]
+    for arguments, fails in pods:
+        with Cluster(tmp_path_factory.mktemp("node"), namespace=NAMESPACE) as kube:
+            kube.create_secret("personcar-aws", {})  # the pod templates' envFrom
+            kubeconfig = kube.kubeconfig(tmp_path_factory.mktemp("kube") / "config", context="kmock")
+            if fails:
                 with pytest.raises(AirflowException):
-                    _run_train_task(kubeconfig)
+                    run_train_task(kubeconfig, arguments)
             else:
-                _run_train_task(kubeconfig)
+                run_train_task(kubeconfig, arguments)
+            kube.check()
             for request in list(kube.api):
+                if request.headers.get("User-Agent") == AGENT:
+                    continue
                 assert request.namespace == NAMESPACE, request
                 resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
                 used.add((request.resource.group, resource,
                           _verb(request.method.value, request.name, dict(request.params or {}))))
-        finally:
-            kube.stop()
     return used
 
 

@@ -120,7 +120,7 @@ def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
         try:
             barrier.wait()
             results[i] = pub.publish(srcs[i], dest, run_id=f"run{i}", endpoint_url=endpoint)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]

@@ -184,7 +184,7 @@ def test_retinanet_checkpoint_from_s3_and_from_https(own_run: dict, s3_bucket: t
     with tarfile.open(archive, "w:gz") as tar:
         for f in own_run["dir"].glob(f"ckpt-{OWN_STEPS}.*"):
             tar.add(f, arcname=f"retinanet/{f.name}")
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(archive.parent), **k)  # noqa: E731
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(archive.parent), **k)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -97,7 +97,7 @@ def test_saved_model_predicts_the_same_on_images_and_on_tfrecords(overfit: dict,
 
     on_records = predict(overfit["root"] / "model", tmp_path / "a.json", data=overfit["root"] / "eval_tfr")
     on_images = predict(overfit["root"] / "model", tmp_path / "b.json", images=overfit["images"])
-    key = lambda d: (d["image_id"], d["category_id"], d["score"])  # noqa: E731
+    key = lambda d: (d["image_id"], d["category_id"], d["score"])
     assert sorted(on_records, key=key) == sorted(on_images, key=key)
     assert {d["image_id"] for d in on_images} == set(overfit["ids"])
     saved = overfit["root"] / "model" / "exported"
@@ -133,7 +133,7 @@ def test_non_finite_loss_stops_with_a_clear_error(sample_dataset: dict, tmp_path
 
     original = RetinaNetTask.build_losses
 
-    def exploding(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def exploding(self, *args, **kwargs):
         total, cls_loss, box_loss, model_loss = original(self, *args, **kwargs)
         return total * float("inf"), cls_loss, box_loss, model_loss
 
@@ -222,7 +222,7 @@ def test_out_of_memory_ends_with_one_line_that_says_what_to_lower(sample_dataset
 
     from tasks.train import OutOfMemoryError, train
 
-    def oom(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def oom(self, *args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,256,160,160]")
 
     monkeypatch.setattr(RetinaNetTask, "train_step", oom)

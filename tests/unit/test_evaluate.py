@@ -185,6 +185,10 @@ def test_unknown_category_and_bad_files_are_user_errors(tmp_path: Path) -> None:
     del no_area["annotations"][3]["area"]
     with pytest.raises(PersoncarError, match="annotation id 4 has no numeric 'area'"):
         evaluate(write(tmp_path / "gt2.json", no_area), write(tmp_path / "d4.json", []), tmp_path / "out")
+    twice = make_gt(ALL_SIZES)
+    twice["images"].append(dict(twice["images"][0]))
+    with pytest.raises(PersoncarError, match=r"gt3.json: images\[\d+\] repeats image id 0"):
+        evaluate(write(tmp_path / "gt3.json", twice), write(tmp_path / "d5.json", []), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -338,7 +338,7 @@ def test_good_archive_extracts_and_rerun_is_idempotent(ws, caplog):
     second = run(ws, archive, sha256=digest)
     assert second["reused_cache"] is True
     assert "not hashing again" in caplog.text
-    strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "reused_cache")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "reused_cache")}
     assert strip(second) == strip(first)
     now = snapshot(ws.dest)
     assert {k: v for k, v in now.items() if k != MANIFEST_NAME} == {k: v for k, v in tree.items() if k != MANIFEST_NAME}

@@ -188,9 +188,8 @@ def test_the_guard_refuses_files_links_and_look_alike_markers(tmp_path: Path) ->
     }
     before = snapshot(tmp_path)
     for folder, message in cases.items():
-        with pytest.raises(PersoncarError) as info:
-            with atomic_dir(folder, outputs):
-                pytest.fail("the temp folder must not be made")
+        with pytest.raises(PersoncarError) as info, atomic_dir(folder, outputs):
+            pytest.fail("the temp folder must not be made")
         assert str(info.value) == message
     assert snapshot(tmp_path) == before
     # what the stage recognises as its own
