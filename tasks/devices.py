@@ -8,8 +8,9 @@ the mixed float16 policy with a dynamic loss scale (Model Garden wraps the optim
 ``cpu_replicas`` (``personcar train --cpu-replicas N``, or ``PERSONCAR_CPU_REPLICAS=N``) runs the
 GPU code paths on the CPU, for debugging and tests: N logical CPU devices under
 ``MirroredStrategy``, mixed float16 with the dynamic loss scale, and XLA (TensorFlow clusters
-CPU ops for XLA only with ``TF_XLA_FLAGS=--tf_xla_cpu_global_jit``, which is set here). It must
-be chosen before TensorFlow initialises its devices, i.e. in a fresh process. A GPU run is the
+CPU ops for XLA only with ``TF_XLA_FLAGS=--tf_xla_cpu_global_jit``, which
+:func:`allow_xla_on_cpu` sets before TensorFlow is imported). It must be chosen before
+TensorFlow initialises its devices, i.e. in a fresh process. A GPU run is the
 same with or without it: it applies only where no GPU is used.
 """
 
@@ -62,15 +63,22 @@ def plan(gpus: int, cpu_replicas: int | None = None) -> Compute:
     return Compute("cpu", 1, "float32", False)
 
 
+def allow_xla_on_cpu() -> None:
+    """Let XLA's auto-clustering take CPU ops (``--tf_xla_cpu_global_jit``); before TensorFlow is imported.
+
+    TensorFlow reads ``TF_XLA_FLAGS`` once, when it sets up its devices: set later, it is ignored.
+    The flag does nothing while jit is off (a float32 CPU run), so every process sets it.
+    """
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "--tf_xla_cpu_global_jit" not in flags:
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_cpu_global_jit".strip()
+
+
 @contextlib.contextmanager
 def configured(tf: Any, c: Compute) -> Iterator[None]:
     """Logical CPU devices, the dtype policy and XLA for the run; the policy and jit are restored after."""
     if c.device == "cpu" and c.replicas > 1:
         _logical_cpus(tf, c.replicas)
-    if c.device == "cpu" and c.xla:
-        flags = os.environ.get("TF_XLA_FLAGS", "")
-        if "--tf_xla_cpu_global_jit" not in flags:
-            os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_cpu_global_jit".strip()
     policy, jit = tf.keras.mixed_precision.global_policy(), tf.config.optimizer.get_jit()
     tf.keras.mixed_precision.set_global_policy(c.policy)
     tf.config.optimizer.set_jit("autoclustering" if c.xla else False)
@@ -79,6 +87,13 @@ def configured(tf: Any, c: Compute) -> Iterator[None]:
     finally:
         tf.keras.mixed_precision.set_global_policy(policy)
         tf.config.optimizer.set_jit(jit or False)
+
+
+@contextlib.contextmanager
+def serving(tf: Any) -> Iterator[None]:
+    """The float32 policy without XLA (an export's graph); the run's policy and jit are restored after."""
+    with configured(tf, Compute("cpu", 1, "float32", False)):
+        yield
 
 
 def _logical_cpus(tf: Any, n: int) -> None:

@@ -41,6 +41,7 @@ class OutOfMemoryError(PersoncarError):
 def _setup_tf() -> Any:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Model Garden needs Keras 2 (tf-keras)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    devices.allow_xla_on_cpu()  # read once, when TensorFlow sets up its devices
     import tensorflow as tf
 
     import tasks.zoo_model  # noqa: F401  (registers the zoo's backbone, decoder and experiment)
@@ -247,6 +248,7 @@ def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, ru
         "device": compute.device,
         **devices.in_effect(tf, strategy, model, optimizer),  # replicas, precision, loss scale (final value), XLA
         "skipped_steps": loop["skipped_steps"],
+        "replica_batches": loop["replica_batches"],  # per replica, as the first step received them
     }
     if export:
         summary["saved_model"] = str(export_saved_model(exp, model_dir, chosen))
@@ -348,7 +350,11 @@ def _write_experiment_yaml(exp: Any, model_dir: Path) -> None:
 
 
 def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
-    """SavedModel for serving: uint8 image batch in; boxes, classes, scores, num detections out."""
+    """SavedModel for serving: uint8 image batch in; float32 boxes and scores, classes, num detections out.
+
+    The serving graph computes in float32 without XLA, as Model Garden's own export does, also after
+    a mixed-precision run.
+    """
     import shutil
     import tempfile
 
@@ -358,11 +364,13 @@ def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
     for stale in model_dir.glob(".exported-*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".exported-", dir=model_dir))
+    tf = _setup_tf()
     try:
         size = exp.task.model.input_size[:2]
-        export_saved_model_lib.export_inference_graph(
-            input_type="image_tensor", batch_size=1, input_image_size=list(size), params=exp,
-            checkpoint_path=checkpoint, export_dir=str(tmp))
+        with devices.serving(tf):  # a float32 graph, whatever the run trained in (the variables are float32)
+            export_saved_model_lib.export_inference_graph(
+                input_type="image_tensor", batch_size=1, input_image_size=list(size), params=exp,
+                checkpoint_path=checkpoint, export_dir=str(tmp))
         (tmp / "labels.json").write_text(json.dumps({str(k): v for k, v in CLASSES.items()}))
         (tmp / "checkpoint.txt").write_text(os.path.relpath(checkpoint, model_dir) + "\n")
         if final.exists():

@@ -1,8 +1,9 @@
 """The training loop: Model Garden's ``RetinaNetTask.train_step`` per replica, under a strategy.
 
-One ``tf.function`` call a step returns the mean loss over the replicas and the optimizer's step
-counter, the loop's only read from the device. Every ``log_every`` steps the running losses go to
-TensorBoard under the OD API's names and to the log; checkpoints and validation follow the step
+One ``tf.function`` call a step returns the mean loss over the replicas, the optimizer's step
+counter and the batch each replica stepped on (the first step's goes to the summary as
+``replica_batches``), the loop's only read from the device. Every ``log_every`` steps the running
+losses go to TensorBoard under the OD API's names and to the log; checkpoints and validation follow the step
 counter.
 
 Non-finite values: a NaN or inf loss stops the run at once (``training diverged: loss is nan at
@@ -37,6 +38,7 @@ def train_loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics
     box_weight = float(exp.task.losses.box_loss_weight)
     writer = tf.summary.create_file_writer(str(model_dir / "train"))
     step, skipped, in_a_row = start_step, 0, 0
+    replica_batches: list[int] = []
     interval_start, interval_steps = time.monotonic(), 0
     run_start = time.monotonic()
     last: dict[str, float] = {}
@@ -44,8 +46,9 @@ def train_loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics
         log.info("train: already at step %d of %d, nothing to train", step, total)
     iterator = iter(dataset)
     while step < total:
-        loss, counter = (x.numpy() for x in train_step(iterator))
+        loss, counter, batches = (x.numpy() for x in train_step(iterator))
         loss = float(loss)
+        replica_batches = replica_batches or [int(b) for b in batches]
         if not math.isfinite(loss):
             raise PersoncarError(
                 f"training diverged: loss is {loss} at step {step + 1} (lower --learning-rate or check the boxes; "
@@ -70,17 +73,21 @@ def train_loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics
             on_checkpoint(model_dir)
         validator.maybe(step)
     writer.flush()
-    return {"step": step, "losses": last, "seconds": time.monotonic() - run_start, "skipped_steps": skipped}
+    return {"step": step, "losses": last, "seconds": time.monotonic() - run_start, "skipped_steps": skipped,
+            "replica_batches": replica_batches}
 
 
 def _train_step(tf: Any, task: Any, model: Any, optimizer: Any, metrics: Any, strategy: Any) -> Any:
     @tf.function
     def train_step(iterator: Any) -> Any:
         def step_fn(inputs: Any) -> Any:
-            return task.train_step(inputs, model, optimizer, metrics=metrics)[task.loss]
+            loss = task.train_step(inputs, model, optimizer, metrics=metrics)[task.loss]
+            return loss, tf.shape(inputs[0])[0]
 
-        per_replica = strategy.run(step_fn, args=(next(iterator),))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None), optimizer.iterations.read_value()
+        loss, batch = strategy.run(step_fn, args=(next(iterator),))
+        batches = tf.stack(strategy.experimental_local_results(batch))  # the images each replica stepped on
+        return (strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None), optimizer.iterations.read_value(),
+                batches)
 
     return train_step
 
