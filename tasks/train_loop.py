@@ -1,17 +1,18 @@
 """The training loop: Model Garden's ``RetinaNetTask.train_step`` per replica, under a strategy.
 
 One ``tf.function`` call a step returns the mean loss over the replicas, the optimizer's step
-counter and the batch each replica stepped on (the first step's goes to the summary as
-``replica_batches``), the loop's only read from the device. Every ``log_every`` steps the running
-losses go to TensorBoard under the OD API's names and to the log; checkpoints and validation follow the step
-counter.
+counter, the loss scale and the batch each replica stepped on (the first step's goes to the
+summary as ``replica_batches``), the loop's only read from the device. Every ``log_every`` steps
+the running losses go to TensorBoard under the OD API's names and to the log; checkpoints and
+validation follow the step counter.
 
 Non-finite values: a NaN or inf loss stops the run at once (``training diverged: loss is nan at
-step N``). With float16 the dynamic loss scale skips a step whose gradients overflow (the step
-counter does not move; the scale halves and the next batch is tried): a few skips early in a run
-are normal, so the loop allows ``MAX_SKIPPED_STEPS`` in a row - more than the 15 halvings from the
-initial scale 2**15 down to 1 - and then stops with ``training diverged: gradients are not finite
-for N steps in a row at step N``. Steps count applied updates: a run of S steps makes S updates.
+step N``). With float16 the dynamic loss scale skips the update of a step whose gradients
+overflow and halves the scale; the step still counts (Keras' ``LossScaleOptimizer`` advances
+``iterations``, as in Model Garden's own loop), so a skip shows as a smaller loss scale. A few
+skips early in a run are normal, so the loop allows ``MAX_SKIPPED_STEPS`` in a row - more than the
+15 halvings from the initial scale 2**15 down to 1 - and then stops with ``training diverged:
+gradients are not finite for N steps in a row at step N``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def train_loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics
     box_weight = float(exp.task.losses.box_loss_weight)
     writer = tf.summary.create_file_writer(str(model_dir / "train"))
     step, skipped, in_a_row = start_step, 0, 0
+    scale = _loss_scale(tf, optimizer)
     replica_batches: list[int] = []
     interval_start, interval_steps = time.monotonic(), 0
     run_start = time.monotonic()
@@ -46,24 +48,25 @@ def train_loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics
         log.info("train: already at step %d of %d, nothing to train", step, total)
     iterator = iter(dataset)
     while step < total:
-        loss, counter, batches = (x.numpy() for x in train_step(iterator))
-        loss = float(loss)
+        loss, counter, batches, new_scale = (x.numpy() for x in train_step(iterator))
+        loss, step = float(loss), int(counter)
         replica_batches = replica_batches or [int(b) for b in batches]
         if not math.isfinite(loss):
             raise PersoncarError(
-                f"training diverged: loss is {loss} at step {step + 1} (lower --learning-rate or check the boxes; "
+                f"training diverged: loss is {loss} at step {step} (lower --learning-rate or check the boxes; "
                 f"last checkpoint {manager.latest_checkpoint})")
-        if int(counter) == step:  # the loss scale skipped the update: non-finite gradients
+        if new_scale < scale:  # the loss scale skipped the update: non-finite gradients
             skipped, in_a_row = skipped + 1, in_a_row + 1
             log.info("train: step %d skipped by the loss scale (non-finite gradients), loss scale now %g",
-                     step + 1, float(optimizer.loss_scale.numpy()))
+                     step, float(new_scale))
             if in_a_row >= MAX_SKIPPED_STEPS:
                 raise PersoncarError(
-                    f"training diverged: gradients are not finite for {in_a_row} steps in a row at step {step + 1} "
+                    f"training diverged: gradients are not finite for {in_a_row} steps in a row at step {step} "
                     f"(loss {loss:.4g}; lower --learning-rate or check the boxes; last checkpoint "
                     f"{manager.latest_checkpoint})")
-            continue
-        step, in_a_row = int(counter), 0
+        else:
+            in_a_row = 0
+        scale = new_scale
         interval_steps += 1
         if step % log_every == 0 or step == total:
             last = _log_interval(tf, writer, metrics, optimizer, r, step, box_weight, interval_steps,
@@ -87,9 +90,16 @@ def _train_step(tf: Any, task: Any, model: Any, optimizer: Any, metrics: Any, st
         loss, batch = strategy.run(step_fn, args=(next(iterator),))
         batches = tf.stack(strategy.experimental_local_results(batch))  # the images each replica stepped on
         return (strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None), optimizer.iterations.read_value(),
-                batches)
+                batches, _loss_scale(tf, optimizer))
 
     return train_step
+
+
+def _loss_scale(tf: Any, optimizer: Any) -> Any:
+    """The dynamic loss scale now (1.0 without one)."""
+    if isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+        return tf.cast(optimizer.loss_scale, tf.float32)
+    return tf.constant(1.0)
 
 
 def _log_interval(tf: Any, writer: Any, metrics: Any, optimizer: Any, r: dict[str, Any], step: int,
