@@ -49,13 +49,19 @@ class Compute:
         return asdict(self)
 
 
+def requested_cpu_replicas(cpu_replicas: int | None = None) -> int:
+    """``cpu_replicas``, else ``$PERSONCAR_CPU_REPLICAS``, else 0 (the plain CPU path)."""
+    if cpu_replicas is not None:
+        return cpu_replicas
+    raw = os.environ.get(CPU_REPLICAS_ENV, "").strip()
+    if raw and not raw.isdigit():
+        raise PersoncarError(f"{CPU_REPLICAS_ENV}={raw!r}: expected a number of CPU replicas")
+    return int(raw) if raw else 0
+
+
 def plan(gpus: int, cpu_replicas: int | None = None) -> Compute:
     """What the hardware implies (``gpus`` visible), or the GPU code paths on ``cpu_replicas`` CPUs."""
-    if cpu_replicas is None:
-        raw = os.environ.get(CPU_REPLICAS_ENV, "").strip()
-        if raw and not raw.isdigit():
-            raise PersoncarError(f"{CPU_REPLICAS_ENV}={raw!r}: expected a number of CPU replicas")
-        cpu_replicas = int(raw) if raw else 0
+    cpu_replicas = requested_cpu_replicas(cpu_replicas)
     if gpus > 0:
         return Compute("gpu", gpus, "float16", True)
     if cpu_replicas > 0:
@@ -67,7 +73,8 @@ def allow_xla_on_cpu() -> None:
     """Let XLA's auto-clustering take CPU ops (``--tf_xla_cpu_global_jit``); before TensorFlow is imported.
 
     TensorFlow reads ``TF_XLA_FLAGS`` once, when it sets up its devices: set later, it is ignored.
-    The flag does nothing while jit is off (a float32 CPU run), so every process sets it.
+    Set only for a run that asks for CPU replicas (:func:`tasks.train.train`), so that a GPU run's
+    clusters stay as they are.
     """
     flags = os.environ.get("TF_XLA_FLAGS", "")
     if "--tf_xla_cpu_global_jit" not in flags:

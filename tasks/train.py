@@ -41,7 +41,6 @@ class OutOfMemoryError(PersoncarError):
 def _setup_tf() -> Any:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Model Garden needs Keras 2 (tf-keras)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    devices.allow_xla_on_cpu()  # read once, when TensorFlow sets up its devices
     import tensorflow as tf
 
     import tasks.zoo_model  # noqa: F401  (registers the zoo's backbone, decoder and experiment)
@@ -161,6 +160,8 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
     data, model_dir = Path(data), Path(model_dir)
     if not sorted(data.glob("train-*.tfrecord")):
         raise PersoncarError(f"{data}: no train-*.tfrecord shards (was it built with --val-fraction 1?)")
+    if devices.requested_cpu_replicas(cpu_replicas):
+        devices.allow_xla_on_cpu()  # read once, when TensorFlow sets up its devices: before _setup_tf
     tf = _setup_tf()
     gpus = gpus_available() if gpus is None else gpus
     compute = devices.plan(gpus, cpu_replicas)
