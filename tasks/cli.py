@@ -106,7 +106,7 @@ def cmd_train(a: argparse.Namespace) -> Any:
         model_dir = st.output(a.model_dir, keep=True)  # a resumed run continues from what is there
         on_ckpt = (lambda _: st.sync(a.model_dir)) if storage.is_remote(a.model_dir) else None
         return train(data, model_dir, run, log_every=a.log_every, checkpoint_every=a.checkpoint_every,
-                     export=not a.no_export, gpus=a.gpus, on_checkpoint=on_ckpt,
+                     export=not a.no_export, gpus=a.gpus, cpu_replicas=a.cpu_replicas, on_checkpoint=on_ckpt,
                      start=resolve_start(run, promoted=promoted), where={"endpoint_url": a.endpoint_url})
 
 
@@ -265,6 +265,8 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     add_run_flags(s, TRAIN_FLAGS)
     s.add_argument("--run-config", help="run parameters as JSON, as the DAG passes them (flags override them)")
     s.add_argument("--gpus", type=non_negative, help="GPUs to use (default: all visible; >1 uses MirroredStrategy)")
+    s.add_argument("--cpu-replicas", type=positive, help="debugging: run the GPU code paths (MirroredStrategy, mixed "
+                   "float16 with loss scaling, XLA) on this many CPU devices (default: $PERSONCAR_CPU_REPLICAS)")
     s.add_argument("--log-every", type=positive, default=10, help="steps between log lines and summaries")
     s.add_argument("--checkpoint-every", type=positive, help="steps between checkpoints")
     s.add_argument("--no-export", action="store_true", help="skip the SavedModel export")

@@ -14,15 +14,15 @@ API's names, and to the log at a steady interval.
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import devices
 from tasks.artifacts import write_json_atomic
 from tasks.config import CLASSES, RunConfig, load_model_config
+from tasks.devices import Compute
 from tasks.errors import PersoncarError
 from tasks.logs import log
 
@@ -72,28 +72,32 @@ def _backbone_override(exp: Any, depth_name: str | None) -> dict[str, Any]:
     return {kind: {"model_id": depth}}
 
 
-def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None = None) -> Any:
-    """Model Garden ExperimentConfig for this run: the model's YAML, then the run's overrides."""
+def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None = None,
+                     compute: Compute | None = None) -> Any:
+    """Model Garden ExperimentConfig for this run: the model's YAML, then the run's overrides.
+
+    ``compute`` (default: what ``gpus`` implies, :func:`tasks.devices.plan`) sets the runtime:
+    replicas, precision and loss scale, XLA.
+    """
     _setup_tf()
     from official.core import exp_factory
     from official.vision import registry_imports  # noqa: F401  (registers the experiments)
 
     spec = load_model_config(run.model)
-    gpus = gpus if gpus is not None else gpus_available()
+    c = compute or devices.plan(gpus if gpus is not None else gpus_available())
     data_dir = Path(data_dir)
-    r = run.resolved(train_images=train_images(data_dir), gpus=gpus)
+    r = run.resolved(train_images=train_images(data_dir), gpus=c.replicas)
     exp = exp_factory.get_exp_config(spec["experiment"])
     exp.override(spec["override"], is_strict=True)
     size = r["image_size"]
-    on_gpu = gpus > 0
     exp.override({
         "runtime": {
-            # float32 on CPU; mixed precision and XLA on GPU
-            "mixed_precision_dtype": "float16" if on_gpu else "float32",
-            "loss_scale": "dynamic" if on_gpu else None,
-            "enable_xla": on_gpu,
-            "num_gpus": gpus,
-            "distribution_strategy": "mirrored" if gpus > 1 else "one_device",
+            # float32 on CPU; mixed float16 with a dynamic loss scale and XLA on GPU (tasks.devices)
+            "mixed_precision_dtype": c.precision,
+            "loss_scale": c.loss_scale,
+            "enable_xla": c.xla,
+            "num_gpus": c.replicas if c.device == "gpu" else 0,
+            "distribution_strategy": "mirrored" if c.replicas > 1 else "one_device",
         },
         "task": {
             "init_checkpoint": "",  # never Model Garden's GCS default: tasks.checkpoints loads starts
@@ -102,7 +106,7 @@ def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None =
             "train_data": {
                 "input_path": str(data_dir / "train-*.tfrecord"),
                 "global_batch_size": r["global_batch_size"],
-                "dtype": "float16" if on_gpu else "float32",
+                "dtype": c.precision,
                 "shuffle_buffer_size": 1000,
                 "seed": r["seed"],
                 **({} if r["augment"] else
@@ -128,13 +132,6 @@ def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None =
     return exp
 
 
-def _strategy(tf: Any, gpus: int) -> Any:
-    if gpus > 1:
-        log.info("train: MirroredStrategy over %d GPUs", gpus)
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus == 1 else "/cpu:0")
-
-
 def _oom(exc: BaseException, r: dict[str, Any]) -> OutOfMemoryError:
     return OutOfMemoryError(
         f"out of accelerator memory at batch_size {r['batch_size']} per GPU x {r['replicas']} replica(s), "
@@ -144,7 +141,8 @@ def _oom(exc: BaseException, r: dict[str, Any]) -> OutOfMemoryError:
 
 def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every: int = 10,
           checkpoint_every: int | None = None, keep_checkpoints: int = 3, export: bool = True,
-          gpus: int | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+          gpus: int | None = None, cpu_replicas: int | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None,
           start: dict[str, Any] | None = None, where: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train until the run's steps (resuming from the latest checkpoint), validate, export the best.
 
@@ -154,46 +152,49 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
     (SavedModel). ``start`` is where a fresh run starts (:func:`resolve_start`; default: from the
     run config without a promoted model); ``where``: how a remote start checkpoint is reached
     (:mod:`tasks.storage`). ``on_checkpoint`` is called after every save (the trainer pod uploads the
-    model dir there).
+    model dir there). ``cpu_replicas`` runs the GPU code paths on that many CPU devices
+    (:mod:`tasks.devices`).
     """
     if log_every < 1:
         raise PersoncarError(f"log_every must be >= 1, got {log_every}")
     data, model_dir = Path(data), Path(model_dir)
     if not sorted(data.glob("train-*.tfrecord")):
         raise PersoncarError(f"{data}: no train-*.tfrecord shards (was it built with --val-fraction 1?)")
+    if devices.requested_cpu_replicas(cpu_replicas):
+        devices.allow_xla_on_cpu()  # read once, when TensorFlow sets up its devices: before _setup_tf
     tf = _setup_tf()
     gpus = gpus_available() if gpus is None else gpus
-    exp = build_experiment(run, data, gpus=gpus)
-    r = run.resolved(train_images=train_images(data), gpus=gpus)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    _write_experiment_yaml(exp, model_dir)
-    if exp.runtime.mixed_precision_dtype == "float16":
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    if exp.runtime.enable_xla:
-        tf.config.optimizer.set_jit("autoclustering")  # XLA clusters inside the step, on GPU
-    tf.keras.utils.set_random_seed(r["seed"])
-    log.info("train: %s, %d steps (%s epochs of %s images) at global batch %d (%d per replica x %d), LR %.5f",
-             run.model, r["steps"], r["epochs"], r["train_images"], r["global_batch_size"], r["batch_size"],
-             r["replicas"], r["learning_rate"])
-    try:
-        return _train(tf, exp, r, data, model_dir, run, gpus=gpus, log_every=log_every,
-                      checkpoint_every=checkpoint_every or max(1, min(1000, r["steps"] // 5)),
-                      keep=keep_checkpoints, export=export, on_checkpoint=on_checkpoint,
-                      start=start if start is not None else resolve_start(run), where=where)
-    except tf.errors.ResourceExhaustedError as exc:
-        raise _oom(exc, r) from exc
+    compute = devices.plan(gpus, cpu_replicas)
+    r = run.resolved(train_images=train_images(data), gpus=compute.replicas)
+    with devices.configured(tf, compute):
+        exp = build_experiment(run, data, compute=compute)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        _write_experiment_yaml(exp, model_dir)
+        tf.keras.utils.set_random_seed(r["seed"])
+        log.info("train: %s, %d steps (%s epochs of %s images) at global batch %d (%d per replica x %d), LR %.5f; "
+                 "%s, %s%s", run.model, r["steps"], r["epochs"], r["train_images"], r["global_batch_size"],
+                 r["batch_size"], r["replicas"], r["learning_rate"], compute.device, compute.policy,
+                 ", XLA" if compute.xla else "")
+        try:
+            return _train(tf, exp, r, data, model_dir, run, compute, log_every=log_every,
+                          checkpoint_every=checkpoint_every or max(1, min(1000, r["steps"] // 5)),
+                          keep=keep_checkpoints, export=export, on_checkpoint=on_checkpoint,
+                          start=start if start is not None else resolve_start(run), where=where)
+        except tf.errors.ResourceExhaustedError as exc:
+            raise _oom(exc, r) from exc
 
 
-def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, run: RunConfig, *, gpus: int,
+def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, run: RunConfig, compute: Compute, *,
            log_every: int, checkpoint_every: int, keep: int, export: bool,
            on_checkpoint: Callable[[Path], None] | None, start: dict[str, Any],
            where: dict[str, Any] | None) -> dict[str, Any]:
     from official.core import task_factory
 
+    from tasks.train_loop import train_loop
     from tasks.validation import Validator
 
     total = r["steps"]
-    strategy = _strategy(tf, gpus)
+    strategy = devices.strategy(tf, compute)
     with strategy.scope():
         task = task_factory.get_task(exp.task, logging_dir=str(model_dir))
         model = task.build_model()
@@ -211,8 +212,11 @@ def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, ru
         return done
     validator = Validator(task, exp, model, ckpt, model_dir, data, strategy, every=r["validate_every"],
                           total=total, on_save=on_checkpoint)
-    loop = _loop(tf, task, exp, model, optimizer, metrics, manager, strategy, r, model_dir,
-                 start_step=start_step, log_every=log_every, validator=validator, on_checkpoint=on_checkpoint)
+    effect = devices.in_effect(tf, strategy, model, optimizer)
+    log.info("train: %(replicas)d replica(s) on %(devices)s, %(precision)s, loss scale %(loss_scale)s "
+             "(%(loss_scale_value)s), XLA %(xla)s", effect)
+    loop = train_loop(tf, task, exp, model, optimizer, metrics, manager, strategy, r, model_dir,
+                      start_step=start_step, log_every=log_every, validator=validator, on_checkpoint=on_checkpoint)
     step, last, seconds = loop["step"], loop["losses"], loop["seconds"]
     if manager.latest_checkpoint is None or int(manager.latest_checkpoint.rsplit("-", 1)[1]) != step:
         manager.save(checkpoint_number=step, check_interval=False)
@@ -232,7 +236,6 @@ def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, ru
         "images_per_second": round((step - start_step) * r["global_batch_size"] / max(seconds, 1e-9), 3),
         "batch_size": r["batch_size"],
         "global_batch_size": r["global_batch_size"],
-        "replicas": r["replicas"],
         "image_size": r["image_size"],
         "learning_rate": r["learning_rate"],
         "final_losses": last,
@@ -242,7 +245,11 @@ def _train(tf: Any, exp: Any, r: dict[str, Any], data: Path, model_dir: Path, ru
         "best_validation": validator.best,
         "validations": len(validator.history),
         "started_from": started,
-        "gpus": gpus,
+        "gpus": compute.replicas if compute.device == "gpu" else 0,
+        "device": compute.device,
+        **devices.in_effect(tf, strategy, model, optimizer),  # replicas, precision, loss scale (final value), XLA
+        "skipped_steps": loop["skipped_steps"],
+        "replica_batches": loop["replica_batches"],  # per replica, as the first step received them
     }
     if export:
         summary["saved_model"] = str(export_saved_model(exp, model_dir, chosen))
@@ -322,63 +329,6 @@ def resolve_start(run: RunConfig, *, promoted: dict[str, Any] | None = None) -> 
             "description": run.init_checkpoint, "reason": reason}
 
 
-def _loop(tf: Any, task: Any, exp: Any, model: Any, optimizer: Any, metrics: Any, manager: Any, strategy: Any,
-          r: dict[str, Any], model_dir: Path, *, start_step: int, log_every: int, validator: Any,
-          on_checkpoint: Callable[[Path], None] | None) -> dict[str, Any]:
-    """The training loop from ``start_step`` to the run's steps; the last losses and the time."""
-    total = r["steps"]
-    dataset = strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(exp.task.train_data, ctx))
-    box_weight = float(exp.task.losses.box_loss_weight)
-
-    @tf.function
-    def train_step(iterator: Any) -> Any:
-        def step_fn(inputs: Any) -> Any:
-            logs = task.train_step(inputs, model, optimizer, metrics=metrics)
-            return logs[task.loss]
-
-        per_replica = strategy.run(step_fn, args=(next(iterator),))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-
-    writer = tf.summary.create_file_writer(str(model_dir / "train"))
-    lr_fn = optimizer.learning_rate
-    step = start_step
-    interval_start, interval_steps = time.monotonic(), 0
-    run_start = time.monotonic()
-    last: dict[str, float] = {}
-    if step >= total:
-        log.info("train: already at step %d of %d, nothing to train", step, total)
-    iterator = iter(dataset)
-    while step < total:
-        loss = float(train_step(iterator).numpy())
-        step = int(optimizer.iterations.numpy())
-        interval_steps += 1
-        if not math.isfinite(loss):
-            raise PersoncarError(
-                f"training diverged: loss is {loss} at step {step} (lower --learning-rate or check the boxes; "
-                f"last checkpoint {manager.latest_checkpoint})")
-        if step % log_every == 0 or step == total:
-            elapsed = time.monotonic() - interval_start
-            last = _od_losses({m.name: float(m.result().numpy()) for m in metrics}, box_weight)
-            lr = float(lr_fn(step - 1).numpy()) if callable(lr_fn) else float(lr_fn)
-            ips = interval_steps * r["global_batch_size"] / max(elapsed, 1e-9)
-            with writer.as_default(step=step):
-                for name, value in last.items():
-                    tf.summary.scalar(name, value)
-                tf.summary.scalar("learning_rate", lr)
-                tf.summary.scalar("images_per_second", ips)
-            log.info("train: step %d/%d loss %.4f (cls %.4f, loc %.4f, reg %.4f) lr %.5f %.2f images/s",
-                     step, total, last["Loss/total_loss"], last["Loss/classification_loss"],
-                     last["Loss/localization_loss"], last["Loss/regularization_loss"], lr, ips)
-            for m in metrics:
-                m.reset_states()
-            interval_start, interval_steps = time.monotonic(), 0
-        if manager.save(checkpoint_number=step) and on_checkpoint:
-            on_checkpoint(model_dir)
-        validator.maybe(step)
-    writer.flush()
-    return {"step": step, "losses": last, "seconds": time.monotonic() - run_start}
-
-
 def _finished_summary(model_dir: Path, total: int, checkpoint: str | None, export: bool) -> dict[str, Any] | None:
     """The summary of a run that already reached ``total`` steps (and exported), else None."""
     path = model_dir / "train_summary.json"
@@ -392,16 +342,6 @@ def _finished_summary(model_dir: Path, total: int, checkpoint: str | None, expor
     return summary
 
 
-def _od_losses(values: dict[str, float], box_weight: float) -> dict[str, float]:
-    """Model Garden's running means, renamed to the OD API's loss summaries."""
-    return {
-        "Loss/classification_loss": values["cls_loss"],
-        "Loss/localization_loss": box_weight * values["box_loss"],
-        "Loss/regularization_loss": values["total_loss"] - values["model_loss"],
-        "Loss/total_loss": values["total_loss"],
-    }
-
-
 def _write_experiment_yaml(exp: Any, model_dir: Path) -> None:
     import yaml
 
@@ -411,7 +351,11 @@ def _write_experiment_yaml(exp: Any, model_dir: Path) -> None:
 
 
 def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
-    """SavedModel for serving: uint8 image batch in; boxes, classes, scores, num detections out."""
+    """SavedModel for serving: uint8 image batch in; float32 boxes and scores, classes, num detections out.
+
+    The serving graph computes in float32 without XLA, as Model Garden's own export does, also after
+    a mixed-precision run.
+    """
     import shutil
     import tempfile
 
@@ -421,11 +365,13 @@ def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
     for stale in model_dir.glob(".exported-*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".exported-", dir=model_dir))
+    tf = _setup_tf()
     try:
         size = exp.task.model.input_size[:2]
-        export_saved_model_lib.export_inference_graph(
-            input_type="image_tensor", batch_size=1, input_image_size=list(size), params=exp,
-            checkpoint_path=checkpoint, export_dir=str(tmp))
+        with devices.serving(tf):  # a float32 graph, whatever the run trained in (the variables are float32)
+            export_saved_model_lib.export_inference_graph(
+                input_type="image_tensor", batch_size=1, input_image_size=list(size), params=exp,
+                checkpoint_path=checkpoint, export_dir=str(tmp))
         (tmp / "labels.json").write_text(json.dumps({str(k): v for k, v in CLASSES.items()}))
         (tmp / "checkpoint.txt").write_text(os.path.relpath(checkpoint, model_dir) + "\n")
         if final.exists():

@@ -192,6 +192,16 @@ def test_experiment_follows_the_run_config(tmp_path: Path) -> None:
     assert gpu.task.model.backbone.resnet_v1.model_id == 50
     assert gpu.task.train_data.global_batch_size == 16  # 8 per GPU x 2
     assert gpu.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 16 / 64)
+    assert gpu.runtime.loss_scale == "dynamic" and gpu.task.train_data.dtype == "float16"
+    # the GPU code paths on two logical CPUs (--cpu-replicas 2): the same settings, no GPU counted
+    from tasks.devices import Compute
+
+    two = build_experiment(RunConfig(backbone="resnet50", batch_size=8, steps=10), tmp_path,
+                           compute=Compute("cpu", 2, "float16", True))
+    assert (two.runtime.mixed_precision_dtype, two.runtime.loss_scale, two.runtime.enable_xla) == ("float16", "dynamic", True)
+    assert (two.runtime.distribution_strategy, two.runtime.num_gpus) == ("mirrored", 0)
+    assert two.task.train_data.global_batch_size == 16
+    assert two.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 16 / 64)
     with pytest.raises(PersoncarError, match="backbone resnet18: the model's resnet_v1 backbone comes in depths"):
         build_experiment(RunConfig(backbone="resnet18"), tmp_path, gpus=0)
     mg = build_experiment(RunConfig(model="retinanet_resnet50_fpn_640x640", backbone="resnet18"), tmp_path, gpus=0)
