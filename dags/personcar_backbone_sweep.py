@@ -23,19 +23,16 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task, task_group
+from airflow.sdk import Param, dag, task, task_group
 
 from tasks.config import PRODUCTION_SOURCE
+from tasks.dag_common import (BACKEND, DEFAULT_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
+                              validate_annotations)
 from tasks.params import dag_params
 from tasks.sweep import DEFAULT_CANDIDATES, DEFAULT_MARGIN
 from tasks.sweep_tasks import MACROS, clear_failure, record_failure
 
-BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
-NETWORK_RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
-                   "max_retry_delay": timedelta(minutes=15)}
 CANDIDATE_CALLBACKS = {"on_execute_callback": clear_failure, "on_failure_callback": record_failure}
-DATASET = Asset(name="personcar_dataset")
-MODEL = Asset(name="personcar_model")
 
 # The main DAG's run parameters (the candidates start from their own checkpoints, not the promoted
 # model, so that they compare as themselves), then the sweep's own.
@@ -67,7 +64,7 @@ PARAMS = {
     max_active_runs=1,
     params=PARAMS,
     tags=["personcar", "object-detection", "tensorflow", "sweep"],
-    default_args={"owner": "personcar", "retries": 1, "retry_delay": timedelta(minutes=2)},
+    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
     user_defined_macros=MACROS,
 )
@@ -77,18 +74,6 @@ def personcar_backbone_sweep() -> None:
         from tasks import sweep_tasks
 
         return sweep_tasks.list_candidates(context)
-
-    @task(outlets=[DATASET], **NETWORK_RETRIES)
-    def download_dataset(**context):
-        from tasks import dag_tasks
-
-        return dag_tasks.download_dataset(context, DATASET)
-
-    @task(retries=0)
-    def validate_annotations(download, **context):
-        from tasks import dag_tasks
-
-        return dag_tasks.validate_annotations(context, download)
 
     @task(outlets=[MODEL], **NETWORK_RETRIES)
     def publish_sweep(compared, **context):
@@ -117,12 +102,6 @@ def personcar_backbone_sweep() -> None:
         candidates >> compared
         compared >> publish_sweep(None)
     else:
-        @task
-        def build_tfrecords(validated, download, **context):
-            from tasks import dag_tasks
-
-            return dag_tasks.build_tfrecords(context, validated, download)
-
         # one CPU training at a time (its images/s are then comparable); a failed candidate is not
         # retried in place: compare reports it and a re-run of the sweep retrains it
         @task(retries=0, execution_timeout=timedelta(hours=12), max_active_tis_per_dagrun=1,

@@ -27,12 +27,11 @@ from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from tasks.config import PRODUCTION_SOURCE
-from tasks.params import dag_params
+from tasks.dag_common import (BACKEND, DEFAULT_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
+                              validate_annotations)
 from tasks.dag_tasks import MACROS
+from tasks.params import dag_params
 
-BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
-NETWORK_RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
-                   "max_retry_delay": timedelta(minutes=15)}
 DEFAULT_SOURCE = os.environ.get("PERSONCAR_DATASET_SOURCE", PRODUCTION_SOURCE)
 
 # The trigger form: one Param per RunConfig field (title, description, bounds, enum, section).
@@ -40,8 +39,6 @@ PARAMS = dag_params({"dataset_source": DEFAULT_SOURCE})
 
 
 ARCHIVE = Asset(name="openimages_personcar_archive", uri=DEFAULT_SOURCE)
-DATASET = Asset(name="personcar_dataset")
-MODEL = Asset(name="personcar_model")
 
 
 @dag(
@@ -54,23 +51,11 @@ MODEL = Asset(name="personcar_model")
     max_active_runs=1,
     params=PARAMS,
     tags=["personcar", "object-detection", "tensorflow", "training"],
-    default_args={"owner": "personcar", "retries": 1, "retry_delay": timedelta(minutes=2)},
+    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
     user_defined_macros=MACROS,
 )
 def personcar_detection() -> None:
-    @task(outlets=[DATASET], **NETWORK_RETRIES)
-    def download_dataset(**context):
-        from tasks import dag_tasks
-
-        return dag_tasks.download_dataset(context, DATASET)
-
-    @task(retries=0)  # a bad dataset does not get better on retry
-    def validate_annotations(download, **context):
-        from tasks import dag_tasks
-
-        return dag_tasks.validate_annotations(context, download)
-
     @task(outlets=[MODEL], **NETWORK_RETRIES)
     def publish_report(parts, **context):
         from tasks import dag_tasks
@@ -86,12 +71,6 @@ def personcar_detection() -> None:
         validated >> tfrecords >> model >> evaluation
         parts = {"download": downloaded, "validate": validated}
     else:
-        @task
-        def build_tfrecords(validated, download, **context):
-            from tasks import dag_tasks
-
-            return dag_tasks.build_tfrecords(context, validated, download)
-
         @task(execution_timeout=timedelta(hours=12))
         def train(tfrecords, **context):
             from tasks import dag_tasks
