@@ -260,9 +260,9 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         line = _mismatch_line(prefix, exc, modules)
         with _quiet_tensorflow():  # the half-restored objects list every unused value when collected
-            del ckpt, exc
+            del ckpt, exc  # the exception holds them too: the line carries what it said
             gc.collect()
-        raise PersoncarError(line) from exc
+        raise PersoncarError(line) from None
     return _count(objs)
 
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (imported now: a first import at the session's end trips CPython 3.11's AST check)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

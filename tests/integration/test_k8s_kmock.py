@@ -138,7 +138,19 @@ def build_task(kubeconfig: str | Path, task_id: str, arguments: list[str], *, gp
 
 
 def run_task(op: Any, context: dict[str, Any]) -> Any:
-    """Run the task as a worker does; a deferred task's trigger runs to its event, then the task resumes."""
+    """Run the task as a worker does; a deferred task's trigger runs to its event, then the task resumes.
+
+    It runs in a thread of its own, as a worker's task runner has no event loop running: the pod
+    operator calls ``asyncio.run``, which fails in a thread where one runs (pytest-playwright's sync
+    API leaves its loop set as the main thread's running loop for the rest of the session).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-runner") as runner:
+        return runner.submit(_run_task, op, context).result()
+
+
+def _run_task(op: Any, context: dict[str, Any]) -> Any:
     from airflow.sdk.exceptions import TaskDeferred
 
     call = lambda: op.execute(context)
