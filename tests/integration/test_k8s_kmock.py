@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import Future, wait
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,21 @@ def run_task(op: Any, context: dict[str, Any]) -> Any:
     operator calls ``asyncio.run``, which fails in a thread where one runs (pytest-playwright's sync
     API leaves its loop set as the main thread's running loop for the rest of the session).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    return start_task(op, context).result()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-runner") as runner:
-        return runner.submit(_run_task, op, context).result()
+
+def start_task(op: Any, context: dict[str, Any]) -> Future:
+    """:func:`run_task` in the background (a daemon thread): the task's return value or error, when done."""
+    outcome: Future = Future()
+
+    def runner() -> None:
+        try:
+            outcome.set_result(_run_task(op, context))
+        except BaseException as exc:  # the test looks at it
+            outcome.set_exception(exc)
+
+    threading.Thread(target=runner, daemon=True, name="task-runner").start()
+    return outcome
 
 
 def _run_task(op: Any, context: dict[str, Any]) -> Any:
@@ -332,21 +344,12 @@ def test_failed_pod_fails_the_task_with_its_message_and_is_deleted(
 
 def test_a_killed_task_deletes_its_pod_and_the_kubelet_stops_the_container(kube: Cluster, kubeconfig: Path) -> None:
     op, context = build_task(kubeconfig, "train", train_args(f"s3://{BUCKET}/killed/train", 1000))
-    failure: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            run_task(op, context)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
+    task = start_task(op, context)
     run = wait_until(lambda: next(iter(kube.runs.values()), None), timeout=60, what="the pod is created")
     assert run.started.wait(60), "the container did not start"
     op.on_kill()  # what Airflow calls when the task is marked failed or times out
     assert run.finished.wait(30), "the container was not stopped"
-    thread.join(60)
+    wait([task], timeout=60)
     assert run.exit_code == 128 + signal.SIGTERM  # stopped by the deletion's SIGTERM, within its grace period
     assert [d.name for d in kube.requests("DELETE")] == [run.name] and kube.pod(run.name) is None
 
@@ -417,24 +420,15 @@ def test_node_lost_while_training_the_retry_resumes_from_the_last_checkpoint_in_
 
     arguments = train_args(f"s3://{BUCKET}/node-lost/train", 10, "--checkpoint-every", "2", "--no-export")
     op, context = build_task(kubeconfig, "train", arguments, deferrable=True)
-    failure: list[BaseException] = []
-
-    def first_try() -> None:
-        try:
-            run_task(op, context)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=first_try, daemon=True)
-    thread.start()
+    first_try = start_task(op, context)
     step = wait_until(lambda: _last_complete_checkpoint(s3, "node-lost/train/"), timeout=600,
                       what="a checkpoint in S3", interval=0.05)
     first = next(iter(kube.runs.values()))
     kube.lose_node(first.name)
-    thread.join(120)
-    assert not thread.is_alive() and failure and isinstance(failure[0], AirflowException), failure
+    wait([first_try], timeout=120)
+    assert first_try.done() and isinstance(first_try.exception(), AirflowException), first_try
     assert first.exit_code == 128 + signal.SIGKILL and "train: done" not in first.text()
-    assert f"{first.name}" in str(failure[0])
+    assert f"{first.name}" in str(first_try.exception())
     resumable = _last_complete_checkpoint(s3, "node-lost/train/")
     assert resumable is not None and step <= resumable < 10
 
