@@ -172,17 +172,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--no-first-run"]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that use Playwright run last, each kept whole.
-
-    pytest-playwright's sync ``playwright`` fixture lives for the session and leaves its event loop
-    set as the running loop of the main thread, so any later ``asyncio.run`` there (the Kubernetes
-    provider's pod operator, for one) fails with "cannot be called from a running event loop".
-    """
-    browser_modules = {item.module for item in items if "playwright" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.module in browser_modules)  # stable: the order is kept otherwise
-
-
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     """pytest-playwright's ``browser``/``page`` fixtures launch Debian's Chromium (skip or CI failure without it)."""
