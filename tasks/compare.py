@@ -28,6 +28,7 @@ from typing import Any
 from tasks import storage
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
 from tasks.errors import PersoncarError
+from tasks.evaluate import split_per_class_key
 from tasks.logs import log
 from tasks.sweep import DEFAULT_MARGIN, FAILURE, ranked, recommend, score
 
@@ -35,7 +36,6 @@ OUTPUTS = StageOutputs("compare", "sweep.json", keys=("candidates", "recommendat
                        names=("sweep.json", "report.html", "report.md", "pr_curves.png"))
 METRICS = {"mAP": "DetectionBoxes_Precision/mAP", "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
            "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU"}
-BY_CLASS = "DetectionBoxes_PerformanceByCategory/"
 CLASS_METRICS = {"AP": "mAP", "AP@.50": "mAP@.50IOU", "AP@.75": "mAP@.75IOU"}
 LATENCY_IMAGES = 20
 Measure = Callable[[dict[str, Path], list[bytes]], dict[str, dict[str, Any]]]
@@ -55,9 +55,9 @@ def _json(uri: str, where: dict[str, Any]) -> Any:
 def _per_class(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        metric, _, cls = key.removeprefix(BY_CLASS).partition("/")
+        metric, cls = split_per_class_key(key) or ("", "")
         for short, name in CLASS_METRICS.items():
-            if key.startswith(BY_CLASS) and metric == name and cls:
+            if metric == name:
                 out.setdefault(cls, {})[short] = value
     return out
 

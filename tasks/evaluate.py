@@ -65,6 +65,14 @@ def per_class_key(class_name: str, iou: str | None = None) -> str:
     return f"{PER_CLASS_PREFIX}{metric}/{class_name}"
 
 
+def split_per_class_key(key: str) -> tuple[str, str] | None:
+    """``(metric, class)`` of a per-class metric name (``mAP@.50IOU``, ``person``), or None for any other key."""
+    if not key.startswith(PER_CLASS_PREFIX):
+        return None
+    metric, _, cls = key[len(PER_CLASS_PREFIX):].partition("/")
+    return (metric, cls) if cls else None
+
+
 # --------------------------------------------------------------------------- inputs
 
 

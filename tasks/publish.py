@@ -49,7 +49,7 @@ from typing import Any
 from tasks import storage
 from tasks.artifacts import (StageOutputs, atomic_dir, check_output_dir, not_owned, safe_run_id, sha256_file,
                              write_json_atomic)
-from tasks.evaluate import load_metrics
+from tasks.evaluate import load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
 
@@ -65,7 +65,6 @@ INDEX_METRICS = {
     "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
     "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU",
 }
-BY_CLASS = "DetectionBoxes_PerformanceByCategory/"
 DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": 0.0}
 
 #: Attempts at a conflicting index update before giving up.
@@ -553,8 +552,8 @@ def _class_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per-class AP, AP@.50 and AP@.75 under the index's short names: ``{"person": {"mAP": ...}}``."""
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        name, _, cls = key.removeprefix(BY_CLASS).partition("/")
-        if key.startswith(BY_CLASS) and name in INDEX_METRICS and cls and _number(value) is not None:
+        name, cls = split_per_class_key(key) or ("", "")
+        if name in INDEX_METRICS and _number(value) is not None:
             out.setdefault(cls, {})[name] = _number(value)
     return out
 

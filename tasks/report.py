@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir
-from tasks.evaluate import load_metrics
+from tasks.evaluate import PER_CLASS_PREFIX, load_metrics, split_per_class_key
 from tasks.logs import log
 from tasks.report_plots import (MAP, MAP50, MAP75, draw_samples, is_num, plot_losses, plot_pr_curves,
                                 plot_validation, read_scalars)
@@ -50,7 +50,6 @@ OUTPUTS = StageOutputs("report", "report.html", text=GENERATOR,
 BASELINE: dict[str, float] = {MAP50: 0.038, MAP75: 0.0042}
 BASELINE_ABOUT = "SSD ResNet152 V1 FPN, TF OD API, 10k steps"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-BY_CLASS = "DetectionBoxes_PerformanceByCategory/"
 HEADLINE = (("mAP@.50IOU", MAP50), ("mAP@.75IOU", MAP75), ("mAP@[.50:.95]", MAP),
             ("AR@100", "DetectionBoxes_Recall/AR@100"))
 CLASS_METRICS = (("AP", "mAP"), ("AP@.50", "mAP@.50IOU"), ("AP@.75", "mAP@.75IOU"))
@@ -97,7 +96,7 @@ def _previous_metrics(previous: dict[str, Any] | None) -> dict[str, Any] | None:
     raw = previous.get("metrics") if isinstance(previous.get("metrics"), dict) else previous
     out = {SHORT_NAMES.get(k, k): v for k, v in raw.items() if is_num(v)}
     for name, values in (previous.get("per_class") or {}).items():
-        out.update({f"{BY_CLASS}{k}/{name}": v for k, v in (values or {}).items() if is_num(v)})
+        out.update({f"{PER_CLASS_PREFIX}{k}/{name}": v for k, v in (values or {}).items() if is_num(v)})
     return out
 
 
@@ -136,12 +135,11 @@ def _headline(metrics: dict, prev: dict | None, prev_label: str, baseline: dict)
     heads = ["metric", "this run"] + ([prev_label, "change"] if compare else []) + ["seed baseline"]
     rows = [[name, metrics.get(key)] + ([prev.get(key), delta(metrics.get(key), prev.get(key), 3)] if compare else [])
             + [baseline.get(key)] for name, key in HEADLINE if key in metrics]
-    classes = [c for c in dict.fromkeys(k[len(BY_CLASS):].partition("/")[2] for k in metrics
-                                        if k.startswith(BY_CLASS)) if c]  # in the label map's order
+    classes = list(dict.fromkeys(parts[1] for parts in map(split_per_class_key, metrics) if parts))  # label map order
     class_rows = []
     for name in classes:
         for i, (short, key) in enumerate(CLASS_METRICS):
-            full = f"{BY_CLASS}{key}/{name}"
+            full = f"{PER_CLASS_PREFIX}{key}/{name}"
             v = metrics.get(full)
             class_rows.append([name if i == 0 else "", short, v] + ([prev.get(full), delta(v, prev.get(full), 3)]
                                                                      if compare else []))
