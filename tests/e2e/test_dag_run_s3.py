@@ -1,14 +1,25 @@
-"""The production storage path: the whole DAG with its artifact root and publish destination on S3.
+"""The production path: the whole DAG with its artifact root and publish destination on S3, on both
+execution backends.
 
-A real S3 endpoint (moto's server over HTTP on loopback); the worker tasks stage their run folder
-through it, as they do in production where the trainer pods share the run only through S3.
+A real S3 endpoint (moto's server over HTTP on loopback). With the ``local`` backend every stage
+runs in the worker and stages its run folder through the bucket. With the ``kubernetes`` backend
+download, validation and publishing run in the worker and TFRecords, training and evaluation run as
+pods of the trainer's command on an emulated one-node cluster (``tests/kubelet.py``: kmock's API
+over HTTP and a kubelet that runs each pod's command, arguments and environment as the API holds
+them, in the project's environment); the pods share the run with the worker only through S3,
+with the credentials of the ``personcar-aws`` Secret the pod templates name. Both runs train the
+same sample with the same seed (without augmentation), so their run folders must hold the same files,
+the same weights and the same metrics.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import re
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -17,63 +28,162 @@ from tests.e2e.test_dag_run import DATE, REPO, TASKS, airflow, json_out
 
 pytestmark = pytest.mark.slow
 
+BUCKET = "personcar-artifacts"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CONF = {"dataset_source": f"s3://{BUCKET}/datasets/trainval.tar.gz", "model": "ssd_resnet26_v1_fpn_256x256_tiny",
+        # no augmentation: its random flips and scales are drawn in tf.data's parallel map, in scheduling
+        # order, so only without it do two runs of one seed train bit-identical weights
+        "steps": 2, "batch_size": 2, "val_fraction": 0.3, "augment": False}
+POD_STAGES = ["build_tfrecords", "train", "evaluate"]
+
 
 @pytest.fixture(scope="module")
-def s3_run(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict:
+def bucket(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict[str, Any]:
+    """The bucket, with the generated sample's archive where the DAG's ``dataset_source`` points."""
     from tasks.sample import make_sample
 
     root = tmp_path_factory.mktemp("e2e-s3")
     make_sample(root / "sample", images=10, seed=4, archive=root / "trainval.tar.gz")
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")
-    s3.create_bucket(Bucket="personcar-artifacts")
-    s3.upload_file(str(root / "trainval.tar.gz"), "personcar-artifacts", "datasets/trainval.tar.gz")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.upload_file(str(root / "trainval.tar.gz"), BUCKET, "datasets/trainval.tar.gz")
+    return {"s3": s3, "endpoint": s3_server, "root": root}
+
+
+def keys(s3: Any, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"][len(prefix):] for page in pages for o in page.get("Contents", []))
+
+
+def read_json(s3: Any, key: str) -> Any:
+    return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def run_dag(bucket: dict[str, Any], name: str, **env: str) -> dict[str, Any]:
+    """``airflow dags test`` of the DAG with its run folders under ``s3://<bucket>/<name>/runs`` and
+    its reports published to ``.../<name>/published``; ``env`` adds to the worker's environment."""
+    root = bucket["root"] / name
     env = {
-        **os.environ, **creds,
+        **os.environ, **CREDENTIALS,
         "AIRFLOW_HOME": str(root / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PERSONCAR_ARTIFACT_ROOT": "s3://personcar-artifacts/runs",
-        "PERSONCAR_S3_ENDPOINT_URL": s3_server,
+        "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/{name}/runs",
+        "PERSONCAR_S3_ENDPOINT_URL": bucket["endpoint"],
         "PERSONCAR_CACHE_DIR": str(root / "cache"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **env,
     }
-    conf = {"dataset_source": "s3://personcar-artifacts/datasets/trainval.tar.gz",
-            "model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 2, "batch_size": 2, "val_fraction": 0.3,
-            "publish_dest": "s3://personcar-artifacts/published"}
+    conf = {**CONF, "publish_dest": f"s3://{BUCKET}/{name}/published"}
     assert airflow(env, "db", "migrate").returncode == 0
     run = airflow(env, "dags", "test", "personcar_detection", DATE, "--conf", json.dumps(conf))
     (root / "dags-test.log").write_text(run.stdout + run.stderr)
     run_id = json_out(airflow(env, "dags", "list-runs", "personcar_detection", "--output", "json"))[0]["run_id"]
     states = json_out(airflow(env, "tasks", "states-for-dag-run", "personcar_detection", run_id, "--output", "json"))
-    keys = sorted(o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="personcar-artifacts")
-                  for o in page.get("Contents", []))
     from tasks.dag_tasks import run_key
 
-    return {"run": run, "states": states, "keys": keys, "key": run_key(run_id), "s3": s3, "root": root}
+    key = run_key(run_id)
+    return {"run": run, "states": states, "key": key, "name": name, "root": root,
+            "files": keys(bucket["s3"], f"{name}/runs/{key}/")}
 
 
-def test_every_task_succeeds_with_s3_storage(s3_run: dict) -> None:
-    assert s3_run["run"].returncode == 0, (s3_run["run"].stdout + s3_run["run"].stderr)[-4000:]
-    assert {r["task_id"]: r["state"] for r in s3_run["states"]} == dict.fromkeys(TASKS, "success")
+@pytest.fixture(scope="module")
+def local_run(bucket: dict[str, Any]) -> dict[str, Any]:
+    return run_dag(bucket, "local", PERSONCAR_EXECUTION_BACKEND="local")
 
 
-def test_every_stage_lands_in_the_bucket(s3_run: dict) -> None:
-    prefix = f"runs/{s3_run['key']}/"
-    stages = {k[len(prefix):].split("/")[0] for k in s3_run["keys"] if k.startswith(prefix)}
+@pytest.fixture(scope="module")
+def k8s_run(bucket: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    from tests.kubelet import Cluster
+
+    root = bucket["root"] / "kubernetes"
+    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5) as cluster:
+        cluster.create_secret("personcar-aws", {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL_S3": bucket["endpoint"]})
+        config = cluster.kubeconfig(bucket["root"] / "kubeconfig", context="kmock")
+        result = run_dag(bucket, "kubernetes", PERSONCAR_EXECUTION_BACKEND="kubernetes",
+                         PERSONCAR_K8S_CONFIG_FILE=str(config), PERSONCAR_K8S_CONTEXT="kmock",
+                         PERSONCAR_K8S_IN_CLUSTER="false", PERSONCAR_K8S_CONN_ID="")
+        yield {**result, "cluster": cluster, "endpoint": bucket["endpoint"]}
+        cluster.check()
+
+
+def untimed(files: list[str]) -> list[str]:
+    """The file list with the time stamps in the names of Great Expectations' validation pages and
+    TensorBoard's event files (time, host, process) made equal."""
+    return sorted(re.sub(r"events\.out\.tfevents\..+$", "events.out.tfevents.<time>",
+                         re.sub(r"/\d{8}T\d{6}\.\d+Z/", "/<time>/", f)) for f in files)
+
+
+def failure(run: dict[str, Any]) -> str:
+    return (run["run"].stdout + run["run"].stderr)[-4000:]
+
+
+# -- local backend -------------------------------------------------------------------------------
+def test_every_task_succeeds_with_s3_storage(local_run: dict) -> None:
+    assert local_run["run"].returncode == 0, failure(local_run)
+    assert {r["task_id"]: r["state"] for r in local_run["states"]} == dict.fromkeys(TASKS, "success")
+
+
+def test_every_stage_lands_in_the_bucket(local_run: dict) -> None:
+    stages = {f.split("/")[0] for f in local_run["files"]}
     assert stages == {"download", "validate", "tfrecords", "train", "evaluate", "report", "config.json"}
     for key in ("validate/annotations.clean.json", "tfrecords/val.coco.json", "train/exported/saved_model.pb",
                 "evaluate/metrics.json", "report/report.html"):
-        assert prefix + key in s3_run["keys"]
-    assert not (Path(s3_run["root"]) / "runs").exists()  # nothing written to a local artifact root
+        assert key in local_run["files"]
+    assert not (local_run["root"] / "runs").exists()  # nothing written to a local artifact root
 
 
-def test_report_is_published_to_s3_with_content_types(s3_run: dict) -> None:
-    s3, key = s3_run["s3"], s3_run["key"]
-    head = s3.head_object(Bucket="personcar-artifacts", Key=f"published/{key}/report.html")
+def test_report_is_published_to_s3_with_content_types(bucket: dict, local_run: dict) -> None:
+    s3, key = bucket["s3"], local_run["key"]
+    head = s3.head_object(Bucket=BUCKET, Key=f"local/published/{key}/report.html")
     assert head["ContentType"].startswith("text/html")
-    index = json.loads(s3.get_object(Bucket="personcar-artifacts", Key="published/runs.json")["Body"].read())
-    assert [e["run_id"] for e in index] == [key]
+    assert [e["run_id"] for e in read_json(s3, "local/published/runs.json")] == [key]
     # the val images were staged for the report: its detection grid was drawn
-    assert f"runs/{key}/report/sample_detections.png" in s3_run["keys"]
+    assert "report/sample_detections.png" in local_run["files"]
+
+
+# -- kubernetes backend --------------------------------------------------------------------------
+def test_kubernetes_backend_runs_every_task_once(k8s_run: dict) -> None:
+    assert k8s_run["run"].returncode == 0, failure(k8s_run)
+    assert {r["task_id"]: r["state"] for r in k8s_run["states"]} == dict.fromkeys(TASKS, "success")
+    # once each: first tries, and no earlier try in the metadata DB's history
+    with sqlite3.connect(k8s_run["root"] / "airflow" / "airflow.db") as db:
+        assert dict(db.execute("select task_id, try_number from task_instance")) == dict.fromkeys(TASKS, 1)
+        assert db.execute("select count(*) from task_instance_history").fetchone() == (0,)
+    assert len(k8s_run["cluster"].requests("POST")) == len(POD_STAGES)  # one pod per pod stage
+
+
+def test_the_tensorflow_stages_ran_as_pods_of_the_trainer_command(k8s_run: dict) -> None:
+    runs = sorted(k8s_run["cluster"].runs.values(), key=lambda r: r.name)
+    assert [(r.name.rsplit("-", 1)[0], r.exit_code) for r in runs] == [
+        ("build-tfrecords", 0), ("evaluate", 0), ("train", 0)]
+    by_stage = {r.name.rsplit("-", 1)[0]: r for r in runs}
+    prefix = f"s3://{BUCKET}/kubernetes/runs/{k8s_run['key']}"
+    assert by_stage["train"].argv[:6] == ["personcar", "train", "--data", f"{prefix}/tfrecords",
+                                         "--model-dir", f"{prefix}/train"]
+    assert by_stage["evaluate"].argv[-2:] == ["--out", f"{prefix}/evaluate"]
+    # the pods' S3 credentials came from the Secret, not from the worker's environment
+    assert {r.env["AWS_ENDPOINT_URL_S3"] for r in runs} == {k8s_run["endpoint"]}
+    assert not {"PERSONCAR_ARTIFACT_ROOT", "PERSONCAR_S3_ENDPOINT_URL"} & set(by_stage["train"].env)
+    # each pod's real log reached the task log
+    log = k8s_run["run"].stdout + k8s_run["run"].stderr
+    assert "INFO personcar: train: step 2/2" in by_stage["train"].text()
+    assert "mAP@.50IOU" in by_stage["evaluate"].text()
+    assert by_stage["evaluate"].text().strip().splitlines()[-1].strip() in log
+
+
+def test_kubernetes_run_folder_matches_the_local_run(bucket: dict, local_run: dict, k8s_run: dict) -> None:
+    assert local_run["run"].returncode == 0 and k8s_run["run"].returncode == 0
+    assert untimed(k8s_run["files"]) == untimed(local_run["files"])
+    etags = [{o["Key"].split("/", 3)[-1]: o["ETag"] for o in bucket["s3"].list_objects_v2(
+        Bucket=BUCKET, Prefix=f"{r['name']}/runs/{r['key']}/train/exported/variables/")["Contents"]}
+        for r in (local_run, k8s_run)]
+    assert etags[0] == etags[1]  # the same trained weights
+    local, k8s = (read_json(bucket["s3"], f"{r['name']}/runs/{r['key']}/evaluate/metrics.json")
+                  for r in (local_run, k8s_run))
+    assert k8s == local
+    assert [e["run_id"] for e in read_json(bucket["s3"], "kubernetes/published/runs.json")] == [k8s_run["key"]]
+
