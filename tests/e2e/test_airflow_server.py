@@ -17,8 +17,8 @@ six steps.
   entry for the run, also after ``publish_report`` is cleared and published again.
 - The AWS secret key of ``aws_default`` is a sentinel that must not appear in task logs, XComs,
   rendered templates, the metadata database, the run folders or the published files.
-- The trigger form and the grid are opened in headless Chromium (driven over the DevTools
-  protocol); screenshots are saved in the test's temp folder.
+- The trigger form and the grid are opened in headless Chromium (Playwright); screenshots are
+  saved in the test's temp folder.
 
 The scheduler does not create scheduled runs here (``[scheduler] use_job_schedule = False``): with
 ``catchup=False`` an unpaused DAG would immediately get a run for its last cron tick with the
@@ -28,14 +28,13 @@ timetable and run-id generator instead.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -49,7 +48,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import chromium_path
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -68,15 +67,9 @@ pytestmark = pytest.mark.slow
 # --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _closed_port() -> int:
     """A loopback port nothing listens on: a safety net for any S3 call without an endpoint."""
-    return _free_port()
+    return free_port()
 
 
 class ApiError(AssertionError):
@@ -298,7 +291,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, s3_server: str, sentinel: 
     s3.create_bucket(Bucket=bucket)
     s3.upload_file(str(root / "trainval.tar.gz"), bucket, "datasets/trainval.tar.gz")
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIRFLOW", "AWS_", "PERSONCAR_")) and k.lower() not in ("http_proxy", "https_proxy")}
@@ -761,142 +754,59 @@ def test_the_aws_secret_of_the_connection_is_never_written(airflow: Airflow, run
 # --------------------------------------------------------------------------------------------------
 
 
-class Browser:
-    """Headless Chromium driven over the DevTools protocol (one page)."""
-
-    def __init__(self, profile: Path) -> None:
-        import websocket
-
-        profile.mkdir(parents=True, exist_ok=True)
-        self.stderr = profile.with_suffix(".stderr.log")
-        with self.stderr.open("w") as err:
-            self.proc = subprocess.Popen(
-                [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--disable-default-apps", "--no-default-browser-check",
-                 f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                 "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"chromium did not start:\n{self.stderr.read_text()[-2000:]}")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-        page = next(p for p in pages if p["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
-        self._id = 0
-
-    def send(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self._id:
-                if "error" in msg:
-                    raise AssertionError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    def js(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return result["result"].get("value")
-
-    def wait(self, expression: str, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.js(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {expression}")
-            time.sleep(0.25)
-
-    def click(self, element: str) -> None:
-        """A real mouse click in the middle of the element that the JS expression ``element`` returns."""
-        x, y = self.js(f"(() => {{ const e = {element}; e.scrollIntoView({{block: 'center'}}); "
-                       "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            extra = {"button": "left", "clickCount": 1} if kind != "mouseMoved" else {}
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, **extra)
-
-    def screenshot(self, path: Path) -> Path:
-        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
-        return path
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ws.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@pytest.fixture()
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    chromium_path()
-    b = Browser(tmp_path / "chromium-profile")
-    try:
-        b.send("Page.enable")
-        b.send("Emulation.setDeviceMetricsOverride", width=1400, height=1500, deviceScaleFactor=1, mobile=False)
-        yield b
-    finally:
-        b.close()
-
-
 ACCORDION = "button[data-scope=accordion][data-part=item-trigger]"
+DIALOG = "[data-scope=dialog][data-part=content]"
+VIEWPORT = {"width": 1400, "height": 1500}
 
 
-def _image_is_drawn(path: Path, size: tuple[int, int]) -> None:
+def _screenshot(page: Any, path: Path) -> Path:
+    page.screenshot(path=path, animations="disabled")  # an accordion caught mid-animation is finished
+    return path
+
+
+def _image_is_drawn(path: Path) -> None:
     from PIL import Image
 
     image = Image.open(path).convert("L")
-    assert image.size == size
+    assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
     lo, hi = image.getextrema()
     assert hi - lo > 100, (path, lo, hi)  # text on a background, not a blank page
 
 
-def test_grid_and_trigger_form_render_in_headless_chromium(airflow: Airflow, run_a: RunA, browser: Browser,
+def test_grid_and_trigger_form_render_in_headless_chromium(airflow: Airflow, run_a: RunA, page: Any,
                                                            tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     runs_before = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")["total_entries"]
-    browser.send("Page.navigate", url=f"{airflow.base}/dags/{DAG_ID}")
-    browser.wait("document.body && document.body.innerText.includes('publish_report')")
-    text = browser.js("document.body.innerText")
+    page.set_viewport_size(VIEWPORT)
+    page.goto(f"{airflow.base}/dags/{DAG_ID}")
+    page.wait_for_function("document.body && document.body.innerText.includes('publish_report')", timeout=60_000)
+    text = page.inner_text("body")
     positions = [text.find(t) for t in TASKS]
     assert -1 not in positions and positions == sorted(positions), positions  # the grid's six rows, in order
-    _image_is_drawn(browser.screenshot(tmp_path / "grid.png"), (1400, 1500))
+    _image_is_drawn(_screenshot(page, tmp_path / "grid.png"))
 
     # The trigger form: one section per param section, each param with its title and description.
     params = airflow.api("GET", f"/dags/{DAG_ID}/details")["params"]
-    browser.click("document.querySelector('button[aria-label=\"Trigger Dag\"]')")
-    browser.wait(f"document.querySelectorAll('{ACCORDION}').length >= 3")
+    page.click('button[aria-label="Trigger Dag"]')
+    page.wait_for_function(f"document.querySelectorAll('{ACCORDION}').length >= 3")
     sections: dict[str, list[dict]] = {}
     for name, param in params.items():
         sections.setdefault(param["schema"]["section"], []).append({"name": name, **param})
     assert sorted(sections) == ["Data", "Report", "Training"]
+    dialog = page.locator(DIALOG)
     shots = {}
     for section in ("Data", "Training", "Report"):  # one open at a time
-        browser.click(f"Array.from(document.querySelectorAll('{ACCORDION}')).find(b => b.innerText.trim() == "
-                      f"'{section}')")
-        first = sections[section][0]["schema"]["title"]
-        browser.wait(f"document.querySelector('[data-scope=dialog][data-part=content]').innerText.includes("
-                     f"{json.dumps(first)})", timeout=30)
-        time.sleep(0.5)  # the accordion's opening animation
-        form = browser.js("document.querySelector('[data-scope=dialog][data-part=content]').innerText")
+        page.locator(ACCORDION, has_text=re.compile(rf"^\s*{section}\s*$")).click()
+        expect(dialog).to_contain_text(sections[section][0]["schema"]["title"], timeout=30_000)
+        form = dialog.inner_text()
         for param in sections[section]:
             assert param["schema"]["title"] in form, (section, param["name"])
             if param.get("description"):
                 assert param["description"] in form, (section, param["name"])
-        shots[section] = browser.screenshot(tmp_path / f"trigger-form-{section.lower()}.png")
-    form = browser.js("document.querySelector('[data-scope=dialog][data-part=content]').innerText")
-    assert "Training steps" not in form  # the Training section closed when Report opened
+        shots[section] = _screenshot(page, tmp_path / f"trigger-form-{section.lower()}.png")
+    assert "Training steps" not in dialog.inner_text()  # the Training section closed when Report opened
     for shot in shots.values():
-        _image_is_drawn(shot, (1400, 1500))
+        _image_is_drawn(shot)
     assert airflow.api("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")["total_entries"] == runs_before
     print(f"screenshots: {tmp_path}")

@@ -33,6 +33,7 @@ from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
 import contextlib
+from tests.conftest import free_port
 
 N_IMAGES = 4
 FAST = {"progress_every": 3600}
@@ -326,9 +327,7 @@ def test_http_not_found_is_not_retried(http_server, ws):
 
 def test_http_connection_refused(ws):
     dest, cache = ws
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     with pytest.raises(PersoncarError, match=rf"^cannot download http://127\.0\.0\.1:{port}/trainval\.tar\.gz: "
                                              r".*Connection refused$") as ei:
         download_dataset(f"http://127.0.0.1:{port}/trainval.tar.gz", dest, cache_dir=cache, **FAST)
@@ -568,9 +567,7 @@ def test_s3_missing_bucket(s3, ws):
 
 def test_s3_endpoint_unreachable(ws):
     dest, cache = ws
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(PersoncarError, match=r"^cannot download s3://bkt-x/trainval\.tar\.gz: .*Could not connect "
                                              r"to the endpoint URL") as ei:
         download_dataset("s3://bkt-x/trainval.tar.gz", dest, endpoint_url=f"http://127.0.0.1:{port}",

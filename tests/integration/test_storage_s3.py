@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 
 from tasks import storage
 from tasks.errors import PersoncarError
+from tests.conftest import free_port
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,10 +201,7 @@ def test_refused_credentials_are_a_clear_error(strict_s3_server, report_tree, tm
 
 def test_unreachable_endpoint_is_a_clear_error(monkeypatch, s3_env, report_tree):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    # (the socket is closed: nothing listens there any more)
+    dead = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
     with pytest.raises(storage.StorageError) as err:
         storage.download_dir("s3://bucket-x/data", report_tree.parent / "d", endpoint_url=dead)
     msg = str(err.value)
