@@ -3,9 +3,10 @@ calls KubernetesPodOperator really makes, Helm values checked against the images
 
 - Every YAML document under ``deploy/`` except the Helm values is a Kubernetes object, validated
   with ``kubernetes-validate`` in strict mode (unknown fields rejected) for Kubernetes 1.33 and 1.30.
-- The Role the Airflow workers get in the trainer namespace grants exactly the (resource, verb)
-  pairs that a trainer task uses, recorded from the operator's requests to an in-memory Kubernetes
-  API served over HTTP (kmock), for a pod that succeeds and one that fails.
+- The Roles the Airflow workers and the triggerer get in the trainer namespace grant exactly the
+  (resource, verb) pairs that each of them uses for a trainer task, recorded from the operator's
+  and its trigger's requests to an in-memory Kubernetes API served over HTTP (kmock), for a pod
+  that succeeds and one that fails, deferrable or not.
 - The Helm values (not a manifest) name the images of ``docker/``, set the settings that
   ``tasks/config.py`` and ``tasks/k8s.py`` read, take the AWS connection from a secret, and make
   the DAG parse with the Kubernetes backend into trainer pods that fit the namespace's Pod
@@ -14,6 +15,8 @@ calls KubernetesPodOperator really makes, Helm values checked against the images
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import re
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +100,8 @@ def test_deploy_has_the_objects_the_trainer_needs() -> None:
         ("ServiceAccount", TEMPLATE["spec"]["serviceAccountName"]),
         ("Role", "personcar-pod-launcher"),
         ("RoleBinding", "personcar-pod-launcher"),
+        ("Role", "personcar-pod-watcher"),
+        ("RoleBinding", "personcar-pod-watcher"),
         ("PersistentVolumeClaim", "personcar-data"),
         ("Secret", TRAINER_SECRET),
         ("Secret", "personcar-airflow-connections"),
@@ -170,55 +176,112 @@ def _verb(method: str, name: str | None, params: dict[str, str]) -> str:
             "DELETE": "delete" if name else "deletecollection"}[method]
 
 
+def _permission(request: Any) -> tuple[str, str, str]:
+    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    return request.resource.group, resource, _verb(request.method.value, request.name, dict(request.params or {}))
+
+
+def _run_by_component(op: Any, context: dict[str, Any], kube: Any, out: dict[str, list[Any]]) -> None:
+    """Run the task as the worker does and, once it defers, its trigger as the triggerer does; ``out``
+    gets the API requests each of them made (the emulated node's own are not theirs), also when the
+    task fails."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from tests.integration.test_k8s_kmock import _first_event
+    from tests.kubelet import AGENT
+
+    marks, call = [0], lambda: op.execute(context)
+    try:
+        while True:
+            try:
+                return call()
+            except TaskDeferred as deferred:
+                marks.append(len(list(kube.api)))
+                event = asyncio.run(_first_event(deferred.trigger))
+                marks.append(len(list(kube.api)))
+                call = lambda d=deferred, e=event: getattr(op, d.method_name)(context, e.payload)
+    finally:
+        requests = list(kube.api)
+        for i, (lo, hi) in enumerate(itertools.pairwise([*marks, len(requests)])):  # worker, triggerer, ...
+            out["worker" if i % 2 == 0 else "triggerer"] += [r for r in requests[lo:hi]
+                                                            if r.headers.get("User-Agent") != AGENT]
+
+
 @pytest.fixture(scope="module")
-def used_permissions(tmp_path_factory: pytest.TempPathFactory) -> set[tuple[str, str, str]]:
+def used_permissions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[str, str, str]]]:
     """(API group, resource[/subresource], verb) of every request a trainer task makes, for a pod
-    that succeeds and one that fails (on the emulated node, whose own calls are not the worker's)."""
+    that succeeds and one that fails, waited for by the worker (``PERSONCAR_K8S_DEFERRABLE=false``)
+    or by the triggerer (deferrable, the default): per component, ``worker`` and ``triggerer``."""
     from airflow.exceptions import AirflowException
 
-    from tests.integration.test_k8s_kmock import NAMESPACE, run_train_task
-    from tests.kubelet import AGENT, Cluster
+    from tests.integration.test_k8s_kmock import NAMESPACE, build_task
+    from tests.kubelet import Cluster
 
-    used: set[tuple[str, str, str]] = set()
+    used: dict[str, set[tuple[str, str, str]]] = {"worker": set(), "triggerer": set()}
     pods = [(["--version"], False),  # the CLI, exit 0
             (["train", "--data", "s3://personcar/x", "--model-dir", "s3://personcar/y", "--steps", "0"], True)]
-    for arguments, fails in pods:
+    for (arguments, fails), deferrable in itertools.product(pods, (False, True)):
         with Cluster(tmp_path_factory.mktemp("node"), namespace=NAMESPACE) as kube:
             kube.create_secret("personcar-aws", {})  # the pod templates' envFrom
             kubeconfig = kube.kubeconfig(tmp_path_factory.mktemp("kube") / "config", context="kmock")
-            if fails:
-                with pytest.raises(AirflowException):
-                    run_train_task(kubeconfig, arguments)
-            else:
-                run_train_task(kubeconfig, arguments)
+            op, context = build_task(kubeconfig, "train", arguments, deferrable=deferrable)
+            by_component: dict[str, list[Any]] = {"worker": [], "triggerer": []}
+            # in a thread of its own, as a worker runs it (no event loop running there)
+            with ThreadPoolExecutor(1) as pool:
+                outcome = pool.submit(_run_by_component, op, context, kube, by_component)
+                if fails:
+                    with pytest.raises(AirflowException):
+                        outcome.result()
+                else:
+                    outcome.result()
             kube.check()
-            for request in list(kube.api):
-                if request.headers.get("User-Agent") == AGENT:
-                    continue
-                assert request.namespace == NAMESPACE, request
-                resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-                used.add((request.resource.group, resource,
-                          _verb(request.method.value, request.name, dict(request.params or {}))))
+        for component, requests in by_component.items():
+            assert all(r.namespace == NAMESPACE for r in requests), requests
+            used[component] |= {_permission(r) for r in requests}
     return used
 
 
-def test_worker_role_grants_exactly_what_the_pod_operator_uses(used_permissions: set) -> None:
-    role = _one("Role")
-    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no wildcards by name
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
-    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no wildcards by name
     assert "*" not in {x for g in granted for x in g}
+    return granted
+
+
+def test_worker_role_grants_exactly_what_the_pod_operator_uses(used_permissions: dict) -> None:
+    role = _one("Role", "personcar-pod-launcher")
+    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
+    used = used_permissions["worker"]
     # The recorded calls: a pod that fails is labelled as checked (patch) before it is deleted.
-    assert ("", "pods", "patch") in used_permissions and ("", "pods/log", "get") in used_permissions
-    assert granted == used_permissions, {"unused grants": granted - used_permissions,
-                                         "missing grants": used_permissions - granted}
+    assert ("", "pods", "patch") in used and ("", "pods/log", "get") in used
+    granted = _granted(role)
+    assert granted == used, {"unused grants": granted - used, "missing grants": used - granted}
+
+
+def test_triggerer_role_grants_exactly_what_the_pod_trigger_uses(used_permissions: dict) -> None:
+    role = _one("Role", "personcar-pod-watcher")
+    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
+    used = used_permissions["triggerer"]
+    assert ("", "pods", "get") in used and ("", "pods", "create") not in used  # it only follows the pod
+    granted = _granted(role)
+    assert granted == used, {"unused grants": granted - used, "missing grants": used - granted}
+
+
+def test_triggerer_role_is_bound_to_the_triggerer_service_account_of_the_release(values: dict[str, Any]) -> None:
+    binding = _one("RoleBinding", "personcar-pod-watcher")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "personcar-pod-watcher"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": values["triggerer"]["serviceAccount"]["name"],
+                                    "namespace": AIRFLOW_NAMESPACE}]
+    assert values["triggerer"]["serviceAccount"]["create"] is True
+    assert values["triggerer"]["serviceAccount"]["name"] != values["workers"]["serviceAccount"]["name"]
 
 
 def test_role_is_bound_to_the_worker_service_account_of_the_release(values: dict[str, Any]) -> None:
-    binding = _one("RoleBinding")
+    binding = _one("RoleBinding", "personcar-pod-launcher")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": _one("Role")["metadata"]["name"]}
+                                  "name": "personcar-pod-launcher"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": values["workers"]["serviceAccount"]["name"],
                                     "namespace": AIRFLOW_NAMESPACE}]
     assert values["workers"]["serviceAccount"]["create"] is True
