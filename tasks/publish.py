@@ -11,13 +11,9 @@ An index entry is ``{"run_id", "published_at", "metrics": {"mAP", "mAP@.50IOU", 
 "per_class": {"person": {"mAP", ...}, ...}, "promoted", "report": "<run id>/report.html", "gate": {...}}``
 with ``report`` relative to DEST (the report compares a run with the promoted one, class by class).
 
-Concurrency: publishes of different runs may run at the same time (parallel DAG runs, backfills).
-``runs.json`` is updated by optimistic concurrency: read it with its ETag, change it, and write it
-back only if it is unchanged (S3 conditional writes: ``IfMatch=<etag>``, or ``IfNoneMatch='*'`` when
-creating it); on a conflict, re-read and try again (bounded, with jittered backoff). A server that
-rejects conditional writes as not implemented gets a read-modify-write with an ETag check before
-and a read-back after. Local destinations take an exclusive ``fcntl`` lock on a lock file beside
-the index and replace it by an atomic rename.
+Concurrency: publishes of different runs may run at the same time (parallel DAG runs, backfills);
+``runs.json`` is updated without losing any of them (``tasks.runs_index``: conditional writes on
+S3, a file lock locally).
 
 Idempotency: publishing the same run again mirrors its folder (no stale or duplicated files) and
 replaces its index entry in place.
@@ -38,25 +34,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
-import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import (StageOutputs, atomic_dir, check_output_dir, not_owned, safe_run_id, sha256_file,
-                             write_json_atomic)
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, not_owned, safe_run_id, sha256_file
 from tasks.evaluate import load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
+from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, update_index
 
-INDEX_NAME = "runs.json"
 LATEST_DIR = "latest"
 POINTER_NAME = "pointer.json"
-LOCK_NAME = ".runs.json.lock"
 LATEST_LOCK_NAME = ".latest.lock"
 
 #: Short names kept in the index, and the OD API metric each one comes from.
@@ -66,9 +56,6 @@ INDEX_METRICS = {
     "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU",
 }
 DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": 0.0}
-
-#: Attempts at a conflicting index update before giving up.
-MAX_INDEX_ATTEMPTS = 40
 
 #: Backbone sweeps are published beside the runs (tasks.sweep_publish): ``DEST/sweeps.json``, ``DEST/sweeps/<id>/``.
 SWEEPS_INDEX_NAME = "sweeps.json"
@@ -199,14 +186,6 @@ def _index_run(dest: str, run: str, metrics: dict[str, Any], gate: dict[str, Any
     return entry, decided["previous"]
 
 
-def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None,
-               name: str = INDEX_NAME) -> list[dict]:
-    """The entries of ``<dest>/runs.json`` (or of the index ``name``, oldest first); ``[]`` when nothing
-    is published yet."""
-    uri = storage.join_uri(normalize_dest(dest), name)
-    return _parse_index(storage.read_bytes(uri, endpoint_url=endpoint_url, conn_id=conn_id), uri)
-
-
 def previous_run(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None,
                  exclude: str | None = None) -> dict | None:
     """The last promoted run's index entry (with its ``metrics``), or ``None``.
@@ -262,156 +241,6 @@ def last_promoted(entries: list[dict]) -> dict | None:
     return None
 
 
-def normalize_dest(dest: str | os.PathLike[str]) -> str:
-    """``s3://bucket/prefix`` as given, local destinations as an absolute ``file://`` URI."""
-    text = str(dest).strip()
-    if not text:
-        raise PersoncarError("publish destination is empty")
-    if storage.is_remote(text):
-        storage.split_s3(text)
-        return text.rstrip("/")
-    return storage.local_path(text).expanduser().resolve().as_uri()
-
-
-# --------------------------------------------------------------------------------------------------
-# runs.json: optimistic concurrency on S3, a file lock locally
-# --------------------------------------------------------------------------------------------------
-
-
-def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, conn_id: str | None = None,
-                 endpoint_url: str | None = None, name: str = INDEX_NAME) -> list[dict]:
-    """Apply ``change`` to the entries of ``<dest>/runs.json`` (or of the index ``name``) without
-    losing concurrent updates.
-
-    ``change`` gets the current entries and returns the new ones; it may be called several times
-    (once per attempt) and must not have other side effects. Returns the entries written.
-    """
-    dest = normalize_dest(dest)
-    if storage.is_remote(dest):
-        return _update_index_s3(dest, change, storage.s3_client(endpoint_url, conn_id=conn_id), name)
-    return _update_index_local(storage.local_path(dest), change, name)
-
-
-def _parse_index(raw: bytes | None, uri: str) -> list[dict]:
-    if raw is None:
-        return []
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise PersoncarError(f"{uri}: not valid JSON ({exc}); fix or remove it") from exc
-    if isinstance(data, dict) and isinstance(data.get("runs"), list):
-        data = data["runs"]
-    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
-        raise PersoncarError(f"{uri}: expected a JSON list of run entries")
-    return data
-
-
-def _dump_index(entries: list[dict]) -> bytes:
-    return (json.dumps(entries, indent=2) + "\n").encode("utf-8")
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
-
-
-def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], client: Any,
-                     name: str = INDEX_NAME) -> list[dict]:
-    from botocore.exceptions import ClientError
-
-    bucket, prefix = storage.split_s3(dest)
-    key = f"{prefix}/{name}" if prefix else name
-    uri = f"s3://{bucket}/{key}"
-    conditional = True
-    for attempt in range(MAX_INDEX_ATTEMPTS):
-        with storage.storage_errors(uri, "read"):
-            try:
-                obj = client.get_object(Bucket=bucket, Key=key)
-                etag, raw = obj["ETag"], obj["Body"].read()
-            except ClientError as exc:
-                if storage.error_code(exc) not in ("NoSuchKey", "404"):
-                    raise
-                etag, raw = None, None
-        entries = change(_parse_index(raw, uri))
-        body = _dump_index(entries)
-        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-        try:
-            with storage.storage_errors(uri, "write"):
-                try:
-                    if conditional:
-                        client.put_object(Bucket=bucket, Key=key, Body=body,
-                                          ContentType="application/json", **cond)
-                    elif _etag_unchanged(client, bucket, key, etag):
-                        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
-                        if _read_back_matches(client, bucket, key, body):
-                            return entries
-                        raise _Conflict
-                    else:
-                        raise _Conflict
-                except ClientError as exc:
-                    code = storage.error_code(exc)
-                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                        raise _Conflict from exc
-                    if conditional and (code == "NotImplemented" or status == 501):
-                        log.warning("%s: the S3 server does not support conditional writes; "
-                                    "falling back to read-modify-write with ETag checks", uri)
-                        conditional = False
-                        raise _Conflict from exc
-                    raise
-            return entries
-        except _Conflict:
-            log.debug("%s changed while updating it (attempt %d); retrying", uri, attempt + 1)
-            _backoff(attempt)
-    raise PersoncarError(f"{uri}: could not update the index after {MAX_INDEX_ATTEMPTS} attempts: "
-                         "other publishers kept changing it")
-
-
-class _Conflict(Exception):
-    """The index changed between our read and our write."""
-
-
-def _etag_unchanged(client: Any, bucket: str, key: str, etag: str | None) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        current = client.head_object(Bucket=bucket, Key=key)["ETag"]
-    except ClientError as exc:
-        if storage.error_code(exc) in ("NoSuchKey", "404", "NotFound"):
-            return etag is None
-        raise
-    return current == etag
-
-
-def _read_back_matches(client: Any, bucket: str, key: str, body: bytes) -> bool:
-    time.sleep(0.05)
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == body
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]], name: str = INDEX_NAME) -> list[dict]:
-    index = root / name
-    with _file_lock(root / (LOCK_NAME if name == INDEX_NAME else f".{name}.lock")):
-        raw = index.read_bytes() if index.exists() else None
-        entries = change(_parse_index(raw, index.as_uri()))
-        write_json_atomic(index, entries)
-    return entries
-
-
 # --------------------------------------------------------------------------------------------------
 # latest/
 # --------------------------------------------------------------------------------------------------
@@ -436,7 +265,7 @@ def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path
     }
     keep = {rel for rel, _ in payload} | {POINTER_NAME}
     # Locally one writer at a time: the stale-file sweep must not catch another writer's temp files.
-    lock = contextlib.nullcontext() if storage.is_remote(dest) else _file_lock(
+    lock = contextlib.nullcontext() if storage.is_remote(dest) else file_lock(
         storage.local_path(latest_uri).parent / LATEST_LOCK_NAME)
     with lock:
         if _superseded(dest, run, where):
