@@ -27,8 +27,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def staging(endpoint_url: str | None) -> Any:
-    """Local stand-ins for ``s3://`` arguments (tasks.storage.Staging): inputs down, outputs up."""
-    from tasks.storage import staging as storage_staging
+    """Local stand-ins for ``s3://`` arguments (tasks.staging.Staging): inputs down, outputs up."""
+    from tasks.staging import staging as storage_staging
 
     return storage_staging(endpoint_url=endpoint_url)
 

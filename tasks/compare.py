@@ -30,6 +30,7 @@ from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_js
 from tasks.errors import PersoncarError
 from tasks.evaluate import split_per_class_key
 from tasks.logs import log
+from tasks.staging import staging
 from tasks.sweep import DEFAULT_MARGIN, FAILURE, ranked, recommend, score
 
 OUTPUTS = StageOutputs("compare", "sweep.json", keys=("candidates", "recommendation"),
@@ -213,7 +214,7 @@ def compare_runs(runs: list[tuple[str, str]], out: str | Path, *, data: str | No
     recommend([], margin)  # a bad margin fails before any work
     records = [read_run(name, uri, where) for name, uri in runs]
     notes = [n for n in (_same_val_split(records, where),) if n]
-    with storage.staging(**where) as st:
+    with staging(**where) as st:
         models = {}
         for r in records:
             if r["status"] != "finished":

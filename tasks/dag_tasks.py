@@ -3,7 +3,7 @@
 Each DAG task calls one of these with its context and the locations its upstream tasks returned;
 each runs the same stage function as the CLI and returns the location it wrote, which the next
 task takes as its argument. A stage's location is ``<artifact root>/<run key>/<stage>`` (a path,
-or ``s3://...`` in production, staged through :class:`tasks.storage.Staging` with the deployment's
+or ``s3://...`` in production, staged through :class:`tasks.staging.Staging` with the deployment's
 AWS connection); the run key is the DAG run id, or ``tasks_test__<logical date>`` for the
 temporary runs of ``airflow tasks test``, where no upstream task returned anything: a task tested
 alone reads the conventional location of its inputs, so testing tasks one by one on a date finds
@@ -60,7 +60,7 @@ def where() -> dict[str, Any]:
 
 
 def staging() -> Any:
-    from tasks.storage import staging as stage_folders
+    from tasks.staging import staging as stage_folders
 
     return stage_folders(**where())
 
