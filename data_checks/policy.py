@@ -133,6 +133,35 @@ def _quarantine_threshold(ann: Any, quarantined_rows: list[int], thresholds: Thr
     }
 
 
+def _check_entry(table: str, check: str, group: list[Outcome], frames: dict[str, Any], rows: list[int],
+                 duplicates: tuple[list[int], list[int]], multi_class_rows: list[int],
+                 label_map: Mapping[int, str] | None) -> tuple[dict[str, Any] | None, list[int]]:
+    """The report entry of a check that failed, with its policy, and the table rows it applies to
+    (no entry: nothing to report)."""
+    policy = CHECKS[check].policy if check in CHECKS else "fatal"
+    if any(o.error for o in group) and policy in ("quarantine", "repair"):
+        policy = "fatal"  # a repair rule that could not run cannot be trusted
+    frame, ann = frames[table], frames["annotations"]
+    entry: dict[str, Any] = {"check": check, "policy": policy}
+    if check == "duplicate_box" and policy != "fatal":
+        rows = sorted(duplicates[1])
+        entry["kept_annotation_ids"] = _ids(ann, duplicates[0])
+    if check == "same_box_different_categories":
+        rows = sorted(multi_class_rows)
+        if not rows:
+            return None, rows
+    if rows:
+        entry[ID_KEYS[table]] = _ids(frame, rows)
+        entry["count"] = len(rows)
+    entry["message"] = _message(group, frames)
+    if check in FILE_CHECKS and rows:
+        entry["detail"] = _file_detail(frame, check, rows)
+        entry["message"] += f" ({entry['detail']})"
+    if check == "label_map_mismatch" and label_map is not None:
+        entry["detail"] = label_map_mismatch(list(frame["entry"]), label_map) or entry["message"]
+    return entry, rows
+
+
 def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], thresholds: Thresholds,
                  *, unreferenced_files: list[str] | None = None,
                  label_map: Mapping[int, str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -161,28 +190,12 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
     multi_class_rows = _multi_class_rows(ann, rows_of(("annotations", "same_box_different_categories")))
 
     for (table, check), group in sorted(by_check.items(), key=lambda kv: _order(kv[0][1])):
-        policy = CHECKS[check].policy if check in CHECKS else "fatal"
-        if any(o.error for o in group) and policy in ("quarantine", "repair"):
-            policy = "fatal"  # a repair rule that could not run cannot be trusted
         frame = frames[table]
-        rows = rows_of((table, check))
-        entry: dict[str, Any] = {"check": check, "policy": policy}
-        if check == "duplicate_box" and policy != "fatal":
-            rows = sorted(dup_removed)
-            entry["kept_annotation_ids"] = _ids(ann, dup_kept)
-        if check == "same_box_different_categories":
-            rows = sorted(multi_class_rows)
-            if not rows:
-                continue
-        if rows:
-            entry[ID_KEYS[table]] = _ids(frame, rows)
-            entry["count"] = len(rows)
-        entry["message"] = _message(group, frames)
-        if check in FILE_CHECKS and rows:
-            entry["detail"] = _file_detail(frame, check, rows)
-            entry["message"] += f" ({entry['detail']})"
-        if check == "label_map_mismatch" and label_map is not None:
-            entry["detail"] = label_map_mismatch(list(frame["entry"]), label_map) or entry["message"]
+        entry, rows = _check_entry(table, check, group, frames, rows_of((table, check)), (dup_kept, dup_removed),
+                                   multi_class_rows, label_map)
+        if entry is None:
+            continue
+        policy = entry["policy"]
         if check == "box_past_image_edge" and policy == "repair":
             past_edge_rows.update(rows)
             continue  # reported under repairs (or quarantined by box_mostly_outside_image)
@@ -209,6 +222,14 @@ def apply_policy(doc: dict[str, Any], tables: Tables, outcomes: list[Outcome], t
                          "file_names": unreferenced_files[:MAX_WARNING_IDS], "count": n,
                          "message": f"{n} image file(s) in the folder are not listed in the JSON"})
 
+    return _outcome(doc, tables, thresholds, failures, warnings, quarantine, quarantined_images, past_edge_rows)
+
+
+def _outcome(doc: dict[str, Any], tables: Tables, thresholds: Thresholds, failures: list[dict[str, Any]],
+             warnings: list[dict[str, Any]], quarantine: dict[int, str], quarantined_images: dict[Any, str],
+             past_edge_rows: set[int]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The report and the clean document, from what the checks decided."""
+    ann = tables.annotations
     quarantined_rows = sorted(quarantine)
     too_many = _quarantine_threshold(ann, quarantined_rows, thresholds)
     if too_many:

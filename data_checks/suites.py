@@ -77,32 +77,42 @@ def _quantile_expectation() -> type:
     return ExpectColumnQuantileValuesToBeInRanges
 
 
+class _Expectations:
+    """Makes the GX expectation of a check, with its policy as meta and severity and its description."""
+
+    SEVERITY = {"fatal": "CRITICAL", "quarantine": "WARNING", "repair": "WARNING", "warn": "WARNING", "info": "INFO"}
+
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.expectations.metadata_types import FailureSeverity
+
+        self.E, self._severity = gx.expectations, {k: FailureSeverity[v] for k, v in self.SEVERITY.items()}
+
+    def __call__(self, cls: Any, check: str, description: str | None = None, **kwargs: Any) -> Any:
+        c = CHECKS[check]
+        return cls(meta={"check": check, "policy": c.policy}, severity=self._severity[c.policy],
+                   description=description or f"{check}: {c.description}", **kwargs)
+
+    def kinds(self, column: str, allowed: list[str], check: str, what: str) -> Any:
+        return self(self.E.ExpectColumnValuesToBeInSet, check, f"{check}: {what}", column=column, value_set=allowed)
+
+
+def _quantile_ranges(spec: dict[float, tuple[float, float]]) -> dict[str, Any]:
+    qs = sorted(spec)
+    return {"quantiles": qs, "value_ranges": [list(spec[q]) for q in qs]}
+
+
 def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: list[int],
                  with_files: bool, label_map: Mapping[int, str]) -> dict[str, list[Any]]:
     """The expectations of each table, with the thresholds and value sets of this dataset."""
-    import great_expectations as gx
-    from great_expectations.expectations.metadata_types import FailureSeverity
+    x = _Expectations()
+    return {"images": _image_suite(x, thresholds, with_files),
+            "annotations": _annotation_suite(x, thresholds, image_ids, category_ids),
+            "categories": _category_suite(x, thresholds, label_map)}
 
-    E = gx.expectations
-    t = thresholds
-    severity = {"fatal": FailureSeverity.CRITICAL, "quarantine": FailureSeverity.WARNING,
-                "repair": FailureSeverity.WARNING, "warn": FailureSeverity.WARNING,
-                "info": FailureSeverity.INFO}
-    Quantiles = _quantile_expectation()
-    model_entries = label_entries(label_map)
 
-    def x(cls: Any, check: str, description: str | None = None, **kwargs: Any) -> Any:
-        c = CHECKS[check]
-        return cls(meta={"check": check, "policy": c.policy}, severity=severity[c.policy],
-                   description=description or f"{check}: {c.description}", **kwargs)
-
-    def kinds(column: str, allowed: list[str], check: str, what: str) -> Any:
-        return x(E.ExpectColumnValuesToBeInSet, check, f"{check}: {what}", column=column, value_set=allowed)
-
-    def quantiles(spec: dict[float, tuple[float, float]]) -> dict[str, Any]:
-        qs = sorted(spec)
-        return {"quantiles": qs, "value_ranges": [list(spec[q]) for q in qs]}
-
+def _image_suite(x: _Expectations, t: Thresholds, with_files: bool) -> list[Any]:
+    E, kinds = x.E, x.kinds
     images = [
         x(E.ExpectTableRowCountToBeBetween, "table_empty", "table_empty: the file lists at least one image",
           min_value=1),
@@ -135,8 +145,12 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
               value_set=sorted(TURNED)),
             x(E.ExpectColumnValuesToBeInSet, "image_format", column="file_format", value_set=SUPPORTED_FORMATS),
         ]
+    return images
 
-    annotations = [
+
+def _annotation_suite(x: _Expectations, t: Thresholds, image_ids: list[int], category_ids: list[int]) -> list[Any]:
+    E, kinds, Quantiles = x.E, x.kinds, _quantile_expectation()
+    return [
         x(E.ExpectTableRowCountToBeBetween, "table_empty", "table_empty: the file lists at least one box",
           min_value=1),
         kinds("id_kind", ["integer"], "annotation_field_type", "annotation 'id' is an integer"),
@@ -171,18 +185,21 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
         x(E.ExpectCompoundColumnsToBeUnique, "same_box_different_categories",
           column_list=["image_id", "x", "y", "w", "h"], ignore_row_if="any_value_is_missing"),
         x(Quantiles, "box_size_quantiles", column="relative_size",
-          quantile_ranges=quantiles(t.box_size_quantiles)),
+          quantile_ranges=_quantile_ranges(t.box_size_quantiles)),
         x(E.ExpectColumnValuesToBeBetween, "aspect_ratio", column="aspect_ratio",
           min_value=t.aspect_ratio_range[0], max_value=t.aspect_ratio_range[1], mostly=t.aspect_ratio_mostly),
         x(Quantiles, "aspect_ratio_quantiles", column="aspect_ratio",
-          quantile_ranges=quantiles(t.aspect_ratio_quantiles)),
+          quantile_ranges=_quantile_ranges(t.aspect_ratio_quantiles)),
         x(E.ExpectColumnMedianToBeBetween, "area_not_pixels",
           "area_not_pixels: the stored 'area' of a typical box equals w*h in pixels (median of "
           "area / (w*h) near 1); 'area' is recomputed either way", column="area_ratio",
           min_value=1 - t.area_tolerance, max_value=1 + t.area_tolerance),
     ]
 
-    categories = [
+
+def _category_suite(x: _Expectations, t: Thresholds, label_map: Mapping[int, str]) -> list[Any]:
+    E, kinds, model_entries = x.E, x.kinds, label_entries(label_map)
+    return [
         x(E.ExpectTableRowCountToBeBetween, "table_empty",
           "table_empty: the file lists at least one category", min_value=1),
         kinds("id_kind", ["integer"], "category_field_type", "category 'id' is an integer"),
@@ -199,7 +216,6 @@ def build_suites(thresholds: Thresholds, *, image_ids: list[int], category_ids: 
         x(E.ExpectColumnValuesToBeBetween, "class_balance", column="box_fraction",
           min_value=t.min_class_fraction),
     ]
-    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 @dataclass

@@ -158,8 +158,16 @@ def _ref(prefix: str, ids: list[Any], kinds: list[str]) -> list[Any]:
 
 def build_tables(doc: dict[str, Any]) -> Tables:
     """One row per image, per box and per category, with kind, value and derived columns."""
-    # -- images -------------------------------------------------------------------------------
-    imgs = doc["images"]
+    images = _image_table(doc["images"])
+    annotations = _annotation_table(doc["annotations"], _image_sizes(images))
+    categories = _category_table(doc["categories"], annotations)
+    per_image = annotations["image_id"].dropna().value_counts()
+    images["num_boxes"] = np.array([float(per_image.get(v, 0)) if v is not None else np.nan
+                                    for v in images["id"]], dtype=np.float64)
+    return Tables(images=images, annotations=annotations, categories=categories)
+
+
+def _image_table(imgs: list[dict[str, Any]]) -> pd.DataFrame:
     i_id = [r.get("id", MISSING) for r in imgs]
     i_fn = [r.get("file_name", MISSING) for r in imgs]
     i_w = [r.get("width", MISSING) for r in imgs]
@@ -168,7 +176,7 @@ def build_tables(doc: dict[str, Any]) -> Tables:
     i_fn_k = [json_kind(v) for v in i_fn]
     i_w_k = [json_kind(v) for v in i_w]
     i_h_k = [json_kind(v) for v in i_h]
-    images = pd.DataFrame({
+    return pd.DataFrame({
         "ref": pd.Series(_ref("images", i_id, i_id_k), dtype=object),
         "id_kind": i_id_k, "file_name_kind": i_fn_k, "width_kind": i_w_k, "height_kind": i_h_k,
         "id": _ints(i_id, i_id_k),
@@ -177,14 +185,17 @@ def build_tables(doc: dict[str, Any]) -> Tables:
         "width": _floats(i_w, i_w_k), "height": _floats(i_h, i_h_k),
     })
 
-    # image id -> (W, H) from the first image row carrying that id with integer sizes
+
+def _image_sizes(images: pd.DataFrame) -> dict[int, tuple[float, float]]:
+    """Image id -> (W, H) from the first image row carrying that id with integer sizes."""
     sizes: dict[int, tuple[float, float]] = {}
     for iid, w, h in zip(images["id"], images["width"], images["height"], strict=True):
         if iid is not None and iid not in sizes and not (math.isnan(w) or math.isnan(h)):
             sizes[iid] = (w, h)
+    return sizes
 
-    # -- annotations --------------------------------------------------------------------------
-    anns = doc["annotations"]
+
+def _annotation_table(anns: list[dict[str, Any]], sizes: dict[int, tuple[float, float]]) -> pd.DataFrame:
     a_id = [r.get("id", MISSING) for r in anns]
     a_img = [r.get("image_id", MISSING) for r in anns]
     a_cat = [r.get("category_id", MISSING) for r in anns]
@@ -228,7 +239,7 @@ def build_tables(doc: dict[str, Any]) -> Tables:
     for arr in (x2, y2, in_fraction, clip_min_side, rel_size, aspect, area_ratio):
         arr[~np.isfinite(arr)] = np.nan
 
-    annotations = pd.DataFrame({
+    return pd.DataFrame({
         "ref": pd.Series(_ref("annotations", a_id, a_id_k), dtype=object),
         "id_kind": a_id_k, "image_id_kind": a_img_k, "category_id_kind": a_cat_k, "bbox_kind": a_bbox_k,
         "iscrowd_kind": a_crowd_k, "segmentation_kind": a_seg_k,
@@ -240,8 +251,8 @@ def build_tables(doc: dict[str, Any]) -> Tables:
         "relative_size": rel_size, "aspect_ratio": aspect, "area_ratio": area_ratio,
     })
 
-    # -- categories ---------------------------------------------------------------------------
-    cats = doc["categories"]
+
+def _category_table(cats: list[dict[str, Any]], annotations: pd.DataFrame) -> pd.DataFrame:
     c_id = [r.get("id", MISSING) for r in cats]
     c_name = [r.get("name", MISSING) for r in cats]
     c_id_k = [json_kind(v) for v in c_id]
@@ -250,8 +261,8 @@ def build_tables(doc: dict[str, Any]) -> Tables:
     cat_ids = _ints(c_id, c_id_k)
     num_boxes = np.array([float(per_cat.get(v, 0)) if v is not None else np.nan for v in cat_ids],
                          dtype=np.float64)
-    total = max(n, 1)
-    categories = pd.DataFrame({
+    total = max(len(annotations), 1)
+    return pd.DataFrame({
         "ref": pd.Series(_ref("categories", c_id, c_id_k), dtype=object),
         "id_kind": c_id_k, "name_kind": c_name_k, "id": cat_ids,
         "name": pd.Series([v if k == "string" else None for v, k in zip(c_name, c_name_k, strict=True)],
@@ -262,8 +273,3 @@ def build_tables(doc: dict[str, Any]) -> Tables:
         "entry": pd.Series([label_entry(i, nm) if k == "integer" and nk == "string" else None
                             for i, nm, k, nk in zip(c_id, c_name, c_id_k, c_name_k, strict=True)], dtype=object),
     })
-
-    per_image = image_id.dropna().value_counts()
-    images["num_boxes"] = np.array([float(per_image.get(v, 0)) if v is not None else np.nan
-                                    for v in images["id"]], dtype=np.float64)
-    return Tables(images=images, annotations=annotations, categories=categories)
