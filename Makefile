@@ -52,7 +52,7 @@ test: install system-deps
 
 # Opt-in, not part of `make test`: builds docker/trainer.Dockerfile for real with buildah (root;
 # downloads TensorFlow and the CUDA wheels, several GB) and runs the CLI and a tiny training run in it.
-image-check:  ## build the trainer image and run it (docker/image_check.sh)
+image-check: install  ## build the trainer image and run it (docker/image_check.sh)
 	bash docker/image_check.sh
 
 clean:

@@ -11,7 +11,8 @@
 # package index through a TLS-intercepting network; neither ends up in the image), and inside the
 # built image, as its non-root user: `personcar --help`, TensorFlow's import and CUDA build, and a
 # tiny run on the generated sample (sample -> validate -> tfrecords -> train 3 steps + export ->
-# evaluate). Prints the build time and the image size.
+# evaluate); then the whole DAG on the kubernetes backend with the emulated kubelet running its
+# pods in the image (needs `make install`'s .venv). Prints the build time and the image size.
 #
 # Caches: the stand-in base image and buildah's layer cache (--layers): a second run with an
 # unchanged build context reuses every layer. A change under tasks/ or data_checks/ re-runs the
@@ -191,6 +192,22 @@ run train 8 'personcar: train:|^\{' personcar train --data "$D/tfrecords" --mode
     --validate-every 0 --log-every 1
 run evaluate 2 'personcar: mAP|^\{' personcar evaluate --model-dir "$D/train" --data "$D/tfrecords" --out "$D/evaluate"
 RUN_TIME=$(elapsed "$t_run")
+buildah rm "$CONTAINER" >/dev/null && CONTAINER=""
+
+# ---- 5. the kubernetes backend with its pods in the image ---------------------------------------
+# The whole DAG on the kubernetes backend (tests/e2e/test_dag_run_s3.py) with the emulated
+# kubelet running the TFRecords, train and evaluate pods in this image (buildah working
+# containers, the pod's user, the machine's network to reach the S3 server), compared with a
+# local-backend run of the same sample and seed in the project's environment.
+step "the kubernetes-backend DAG run, its pods in $IMAGE"
+STEP="the kubernetes-backend DAG run"
+[ -x "$REPO/.venv/bin/python" ] || fail "no .venv: run make install first"
+t_dag=$(date +%s)
+PERSONCAR_KUBELET_IMAGE="$IMAGE" nice -n "$NICE" "$REPO/.venv/bin/python" -m pytest tests/e2e/test_dag_run_s3.py \
+    -n 0 -p no:cacheprovider -q -o addopts="" >"$WORK/dag.log" 2>&1 \
+    || { log_tail "$WORK/dag.log" 40; fail "the kubernetes-backend DAG run failed (log $WORK/dag.log)"; }
+grep -E '(passed|failed)' "$WORK/dag.log" | tail -n 1
+DAG_TIME=$(elapsed "$t_dag")
 
 step "summary"
 STEP="summary"
@@ -200,5 +217,6 @@ image-check: OK
   base image       $BASE_IMAGE ($BASE_BUILT)
   build time       $BUILD_TIME (buildah bud ${cache_flags[*]}, nice $NICE; log $WORK/build.log)
   in-image run     $RUN_TIME (sample, validate, tfrecords, train 3 steps + export, evaluate)
+  kubernetes DAG   $DAG_TIME (tests/e2e/test_dag_run_s3.py, the pods in the image; log $WORK/dag.log)
   total            $(elapsed "$T0")
 EOF

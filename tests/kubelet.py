@@ -31,11 +31,14 @@ each new one, reads the pod back from the API (never from the test's own variabl
 :meth:`Cluster.lose_node` plays a node that disappears: the container is killed, no status is
 reported any more, and the pod is force-deleted, as the pod garbage collector does.
 
-**What is not emulated.** The pod's image is *not* run: there is no container runtime on these
-machines. The container's command runs in the project's environment instead (the ``.venv`` whose
-``bin`` is first on the container's ``PATH``, standing in for the trainer image's ``/opt/venv``);
-so ``image``, ``imagePullPolicy``, ``securityContext``, volumes and resource limits other than the
-GPU count are recorded in the pod but have no effect. One container per pod (the operator's
+**Where the container runs.** By default (``runtime="venv"``) the pod's image is *not* run: the
+container's command runs in the project's environment instead (the ``.venv`` whose ``bin`` is first
+on the container's ``PATH``, standing in for the trainer image's ``/opt/venv``), so ``image``,
+``imagePullPolicy`` and ``securityContext`` are recorded in the pod but have no effect. With
+``runtime="buildah"`` (root, Debian's buildah; ``make image-check`` builds the trainer image) it runs
+in the pod's image, which must be on the machine (never pulled): a buildah working container with
+chroot isolation and the machine's network, as the pod's ``runAsUser``/``runAsGroup``. Either way
+volumes and resource limits other than the GPU count have no effect. One container per pod (the operator's
 ``base``), ``restartPolicy: Never``, no init containers or sidecars, no ``terminationMessagePath``
 file (the message comes from the log only).
 """
@@ -119,6 +122,7 @@ class PodRun:
     exit_code: int | None = None
     message: str = ""
     lost: bool = False  # its node disappeared: nothing reports on it any more
+    container: str = ""  # the buildah working container (runtime "buildah")
     deleted: bool = False
     started: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -132,8 +136,12 @@ class Cluster:
     """kmock's API server and the kubelet on its own event loop thread, serving http://127.0.0.1:PORT."""
 
     def __init__(self, root: Path, *, namespace: str = "personcar", gpus: int = 1,
-                 gpu_resource: str = "nvidia.com/gpu", grace_seconds: float | None = None) -> None:
+                 gpu_resource: str = "nvidia.com/gpu", grace_seconds: float | None = None,
+                 runtime: str = "venv") -> None:
+        if runtime not in ("venv", "buildah"):
+            raise ValueError(f"runtime must be 'venv' or 'buildah', not {runtime!r}")
         self.root, self.namespace, self.gpus, self.gpu_resource = Path(root), namespace, gpus, gpu_resource
+        self.runtime = runtime  # venv: the project's environment; buildah: the pod's image
         self.grace_seconds = grace_seconds  # instead of the pod's terminationGracePeriodSeconds (default 30)
         self.url = ""
         self.api: Any = None
@@ -351,16 +359,21 @@ class Cluster:
             return
         run.env = env
         run.argv = [expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
-        exe = shutil.which(run.argv[0], path=env["PATH"]) if run.argv else None
         started = now()
-        if exe is None:
-            run.started.set()
-            await self._finish(run, pod, c, 128, started, reason="StartError", message=(
-                f'exec: "{run.argv[0] if run.argv else ""}": executable file not found in $PATH'))
-            return
-        proc = await asyncio.create_subprocess_exec(
-            exe, *run.argv[1:], env=env, cwd=c.get("workingDir") or home, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        if self.runtime == "buildah":
+            proc = await self._start_in_image(run, pod, c, env)
+            if proc is None:
+                return
+        else:
+            exe = shutil.which(run.argv[0], path=env["PATH"]) if run.argv else None
+            if exe is None:
+                run.started.set()
+                await self._finish(run, pod, c, 128, started, reason="StartError", message=(
+                    f'exec: "{run.argv[0] if run.argv else ""}": executable file not found in $PATH'))
+                return
+            proc = await asyncio.create_subprocess_exec(
+                exe, *run.argv[1:], env=env, cwd=c.get("workingDir") or home, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         run.pid = proc.pid
         run.started.set()
         await self._report(run, {"phase": "Running", "podIP": "127.0.0.1", "startTime": started,
@@ -369,7 +382,33 @@ class Cluster:
                                                                               ready=True)]})
         await self._pump(run, proc)
         code = await proc.wait()
+        if run.container:
+            await (await asyncio.create_subprocess_exec("buildah", "rm", run.container,
+                                                        stdout=asyncio.subprocess.DEVNULL)).wait()
         await self._finish(run, pod, c, code if code >= 0 else 128 - code, started)
+
+    async def _start_in_image(self, run: PodRun, pod: dict[str, Any], c: dict[str, Any],
+                              env: dict[str, str]) -> Any:
+        """The container's command in the pod's image: a buildah working container of the local
+        image (never pulled), chroot isolation, the node's network, the pod's user; None when the
+        image is not on the node (the container stays waiting, as with ``imagePullPolicy: Never``)."""
+        made = await asyncio.create_subprocess_exec("buildah", "from", "--pull=never", "--quiet", c["image"],
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await made.communicate()
+        if made.returncode != 0:
+            state = {"waiting": {"reason": "ErrImageNeverPull",
+                                 "message": f'image "{c["image"]}" is not on the node: {err.decode().strip()}'}}
+            await self._report(run, {"containerStatuses": [self._container_status(c, state)]})
+            return None
+        run.container = out.decode().strip()
+        sc = {**(pod["spec"].get("securityContext") or {}), **(c.get("securityContext") or {})}
+        user = [f"--user={sc['runAsUser']}:{sc.get('runAsGroup', sc['runAsUser'])}"] if "runAsUser" in sc else []
+        workdir = [f"--workingdir={c['workingDir']}"] if c.get("workingDir") else []
+        return await asyncio.create_subprocess_exec(
+            "buildah", "run", "--isolation=chroot", "--network=host", *user, *workdir,
+            *(f"--env={k}={v}" for k, v in env.items()), run.container, "--", *run.argv,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
 
     async def _pump(self, run: PodRun, proc: Any) -> None:
         """Keep the container's output as its log, line by line, timestamped when it arrived."""
@@ -404,9 +443,11 @@ class Cluster:
     async def _environment(self, pod: dict[str, Any], c: dict[str, Any], home: Path, tmp: Path) -> dict[str, str]:
         """The container's environment, from the pod spec and the Secrets/ConfigMaps it names."""
         ns = pod["metadata"]["namespace"]
-        env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp),
-               "LANG": "C.UTF-8", "HOSTNAME": pod["metadata"]["name"],
+        env = {"HOSTNAME": pod["metadata"]["name"],
                "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": self.url.rsplit(":", 1)[-1]}
+        if self.runtime == "venv":  # in an image, its own PATH and HOME apply
+            env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp),
+                   "LANG": "C.UTF-8", **env}
 
         async def source(kind: str, name: str, optional: bool) -> dict[str, str] | None:
             obj = await self._get(f"/api/v1/namespaces/{ns}/{kind}s/{name}")

@@ -7,7 +7,9 @@ download, validation and publishing run in the worker and TFRecords, training an
 pods of the trainer's command on an emulated one-node cluster (``tests/kubelet.py``: kmock's API
 over HTTP and a kubelet that runs each pod's command, arguments and environment as the API holds
 them, in the project's environment); the pods share the run with the worker only through S3,
-with the credentials of the ``personcar-aws`` Secret the pod templates name. Both runs train the
+with the credentials of the ``personcar-aws`` Secret the pod templates name. With
+``PERSONCAR_KUBELET_IMAGE`` set (``make image-check`` does it with the image it built) the pods run
+in that image instead, under buildah. Both runs train the
 same sample with the same seed (without augmentation), so their run folders must hold the same files,
 the same weights and the same metrics.
 """
@@ -98,14 +100,17 @@ def k8s_run(bucket: dict[str, Any]) -> Iterator[dict[str, Any]]:
     from tests.kubelet import Cluster
 
     root = bucket["root"] / "kubernetes"
-    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5) as cluster:
+    image = os.environ.get("PERSONCAR_KUBELET_IMAGE")  # run the pods in this local image (make image-check)
+    in_image = {"PERSONCAR_K8S_IMAGE": image} if image else {}
+    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5,
+                 runtime="buildah" if image else "venv") as cluster:
         cluster.create_secret("personcar-aws", {
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_ENDPOINT_URL_S3": bucket["endpoint"]})
         config = cluster.kubeconfig(bucket["root"] / "kubeconfig", context="kmock")
         result = run_dag(bucket, "kubernetes", PERSONCAR_EXECUTION_BACKEND="kubernetes",
                          PERSONCAR_K8S_CONFIG_FILE=str(config), PERSONCAR_K8S_CONTEXT="kmock",
-                         PERSONCAR_K8S_IN_CLUSTER="false", PERSONCAR_K8S_CONN_ID="")
+                         PERSONCAR_K8S_IN_CLUSTER="false", PERSONCAR_K8S_CONN_ID="", **in_image)
         yield {**result, "cluster": cluster, "endpoint": bucket["endpoint"]}
         cluster.check()
 

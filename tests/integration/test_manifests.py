@@ -127,7 +127,7 @@ def test_manifest_is_valid_kubernetes(where: str, index: int, doc: dict[str, Any
 def test_strict_validation_rejects_a_misspelt_field() -> None:
     import kubernetes_validate
 
-    role = json.loads(json.dumps(_one("Role")))
+    role = json.loads(json.dumps(_one("Role", "personcar-pod-launcher")))
     role["rules"][0]["verb"] = role["rules"][0].pop("verbs")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(role, K8S_VERSIONS[0], strict=True)
