@@ -48,7 +48,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -403,7 +403,9 @@ def run_a(airflow: Airflow) -> RunA:
     assert created["conf"]["steps"] == TINY["steps"] and created["run_type"] == "manual"
 
     running = af.wait_task(run_id, "train", {"running"})
-    time.sleep(2)  # into TensorFlow's start-up
+    # into training: TensorFlow has started and the model is built
+    wait_until(lambda: "train: " in af.task_logs(run_id, "train").get(1, ""), timeout=120,
+               what="train's first log line", interval=0.2)
     scheduler = af.procs["scheduler"]
     os.kill(scheduler.pid, signal.SIGKILL)
     assert scheduler.wait(timeout=30) == -signal.SIGKILL
