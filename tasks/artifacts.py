@@ -28,15 +28,6 @@ from typing import Any
 
 from tasks.errors import PersoncarError
 
-STAGES = ("download", "validate", "tfrecords", "train", "evaluate", "report")
-
-
-def stage_dir(artifact_root: str | os.PathLike[str], run_id: str, stage: str) -> Path:
-    """``<artifact root>/<run id>/<stage>``, with the run id made safe as a folder name."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return Path(artifact_root) / safe_run_id(run_id) / stage
-
 
 def safe_run_id(run_id: str) -> str:
     """A folder name for a run id, unique per run id.
