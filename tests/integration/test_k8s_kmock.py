@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future, wait
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,9 @@ def start_task(op: Any, context: dict[str, Any]) -> Future:
     return outcome
 
 
-def _run_task(op: Any, context: dict[str, Any]) -> Any:
+def _run_task(op: Any, context: dict[str, Any], around_trigger: Callable[[], None] | None = None) -> Any:
+    """``around_trigger`` is called when the task defers and again when its trigger has fired
+    (the triggerer's turn in between)."""
     from airflow.sdk.exceptions import TaskDeferred
 
     call = lambda: op.execute(context)
@@ -170,7 +172,11 @@ def _run_task(op: Any, context: dict[str, Any]) -> Any:
         try:
             return call()
         except TaskDeferred as deferred:
+            if around_trigger:
+                around_trigger()
             event = asyncio.run(_first_event(deferred.trigger))
+            if around_trigger:
+                around_trigger()
             call = lambda d=deferred, e=event: getattr(op, d.method_name)(context, e.payload)
 
 

@@ -15,7 +15,6 @@ calls KubernetesPodOperator really makes, Helm values checked against the images
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -185,21 +184,12 @@ def _run_by_component(op: Any, context: dict[str, Any], kube: Any, out: dict[str
     """Run the task as the worker does and, once it defers, its trigger as the triggerer does; ``out``
     gets the API requests each of them made (the emulated node's own are not theirs), also when the
     task fails."""
-    from airflow.sdk.exceptions import TaskDeferred
-
-    from tests.integration.test_k8s_kmock import _first_event
+    from tests.integration.test_k8s_kmock import _run_task
     from tests.kubelet import AGENT
 
-    marks, call = [0], lambda: op.execute(context)
+    marks = [0]  # request counts where the turn passes between the worker and the triggerer
     try:
-        while True:
-            try:
-                return call()
-            except TaskDeferred as deferred:
-                marks.append(len(list(kube.api)))
-                event = asyncio.run(_first_event(deferred.trigger))
-                marks.append(len(list(kube.api)))
-                call = lambda d=deferred, e=event: getattr(op, d.method_name)(context, e.payload)
+        _run_task(op, context, around_trigger=lambda: marks.append(len(list(kube.api))))
     finally:
         requests = list(kube.api)
         for i, (lo, hi) in enumerate(itertools.pairwise([*marks, len(requests)])):  # worker, triggerer, ...
@@ -241,50 +231,48 @@ def used_permissions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[
     return used
 
 
-def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+def _assert_role_grants_exactly(name: str, used: set[tuple[str, str, str]]) -> None:
+    """The Role ``name`` lives in the trainer namespace and grants ``used``, no more, no wildcards."""
+    role = _one("Role", name)
+    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no wildcards by name
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert "*" not in {x for g in granted for x in g}
-    return granted
+    assert granted == used, {"unused grants": granted - used, "missing grants": used - granted}
 
 
 def test_worker_role_grants_exactly_what_the_pod_operator_uses(used_permissions: dict) -> None:
-    role = _one("Role", "personcar-pod-launcher")
-    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
     used = used_permissions["worker"]
     # The recorded calls: a pod that fails is labelled as checked (patch) before it is deleted.
     assert ("", "pods", "patch") in used and ("", "pods/log", "get") in used
-    granted = _granted(role)
-    assert granted == used, {"unused grants": granted - used, "missing grants": used - granted}
+    _assert_role_grants_exactly("personcar-pod-launcher", used)
 
 
 def test_triggerer_role_grants_exactly_what_the_pod_trigger_uses(used_permissions: dict) -> None:
-    role = _one("Role", "personcar-pod-watcher")
-    assert role["metadata"]["namespace"] == TEMPLATE["metadata"]["namespace"]
     used = used_permissions["triggerer"]
     assert ("", "pods", "get") in used and ("", "pods", "create") not in used  # it only follows the pod
-    granted = _granted(role)
-    assert granted == used, {"unused grants": granted - used, "missing grants": used - granted}
+    _assert_role_grants_exactly("personcar-pod-watcher", used)
+
+
+def _assert_bound_to_the_release(name: str, component: str, values: dict[str, Any]) -> None:
+    """The RoleBinding ``name`` binds the Role ``name`` to the service account that the Helm values
+    create for ``component`` in the release's namespace."""
+    binding = _one("RoleBinding", name)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    account = values[component]["serviceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"],
+                                    "namespace": AIRFLOW_NAMESPACE}]
+    assert account["create"] is True
 
 
 def test_triggerer_role_is_bound_to_the_triggerer_service_account_of_the_release(values: dict[str, Any]) -> None:
-    binding = _one("RoleBinding", "personcar-pod-watcher")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": "personcar-pod-watcher"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": values["triggerer"]["serviceAccount"]["name"],
-                                    "namespace": AIRFLOW_NAMESPACE}]
-    assert values["triggerer"]["serviceAccount"]["create"] is True
+    _assert_bound_to_the_release("personcar-pod-watcher", "triggerer", values)
     assert values["triggerer"]["serviceAccount"]["name"] != values["workers"]["serviceAccount"]["name"]
 
 
 def test_role_is_bound_to_the_worker_service_account_of_the_release(values: dict[str, Any]) -> None:
-    binding = _one("RoleBinding", "personcar-pod-launcher")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": "personcar-pod-launcher"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": values["workers"]["serviceAccount"]["name"],
-                                    "namespace": AIRFLOW_NAMESPACE}]
-    assert values["workers"]["serviceAccount"]["create"] is True
+    _assert_bound_to_the_release("personcar-pod-launcher", "workers", values)
     assert f"--namespace {AIRFLOW_NAMESPACE}" in VALUES.read_text(encoding="utf-8")
     assert f"--namespace {AIRFLOW_NAMESPACE}" in (REPO / "docs" / "production.md").read_text(encoding="utf-8")
 
