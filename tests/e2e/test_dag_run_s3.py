@@ -16,6 +16,7 @@ the same weights and the same metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.e2e.test_dag_run import DATE, REPO, TASKS, airflow, json_out
+from tests.e2e.test_dag_run import DATE, TASKS, airflow, airflow_env, json_out
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +54,10 @@ def bucket(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict[str
     return {"s3": s3, "endpoint": s3_server, "root": root}
 
 
-def keys(s3: Any, prefix: str) -> list[str]:
+def objects(s3: Any, prefix: str) -> dict[str, str]:
+    """Key (below ``prefix``) -> ETag of every object under ``prefix``."""
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(o["Key"][len(prefix):] for page in pages for o in page.get("Contents", []))
+    return {o["Key"][len(prefix):]: o["ETag"] for page in pages for o in page.get("Contents", [])}
 
 
 def read_json(s3: Any, key: str) -> Any:
@@ -66,17 +68,8 @@ def run_dag(bucket: dict[str, Any], name: str, **env: str) -> dict[str, Any]:
     """``airflow dags test`` of the DAG with its run folders under ``s3://<bucket>/<name>/runs`` and
     its reports published to ``.../<name>/published``; ``env`` adds to the worker's environment."""
     root = bucket["root"] / name
-    env = {
-        **os.environ, **CREDENTIALS,
-        "AIRFLOW_HOME": str(root / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/{name}/runs",
-        "PERSONCAR_S3_ENDPOINT_URL": bucket["endpoint"],
-        "PERSONCAR_CACHE_DIR": str(root / "cache"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **env,
-    }
+    env = {**airflow_env(root), **CREDENTIALS, "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/{name}/runs",
+           "PERSONCAR_S3_ENDPOINT_URL": bucket["endpoint"], **env}
     conf = {**CONF, "publish_dest": f"s3://{BUCKET}/{name}/published"}
     assert airflow(env, "db", "migrate").returncode == 0
     run = airflow(env, "dags", "test", "personcar_detection", DATE, "--conf", json.dumps(conf))
@@ -87,7 +80,7 @@ def run_dag(bucket: dict[str, Any], name: str, **env: str) -> dict[str, Any]:
 
     key = run_key(run_id)
     return {"run": run, "states": states, "key": key, "name": name, "root": root,
-            "files": keys(bucket["s3"], f"{name}/runs/{key}/")}
+            "files": sorted(objects(bucket["s3"], f"{name}/runs/{key}/"))}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +148,7 @@ def test_kubernetes_backend_runs_every_task_once(k8s_run: dict) -> None:
     assert k8s_run["run"].returncode == 0, failure(k8s_run)
     assert {r["task_id"]: r["state"] for r in k8s_run["states"]} == dict.fromkeys(TASKS, "success")
     # once each: first tries, and no earlier try in the metadata DB's history
-    with sqlite3.connect(k8s_run["root"] / "airflow" / "airflow.db") as db:
+    with contextlib.closing(sqlite3.connect(k8s_run["root"] / "airflow" / "airflow.db")) as db:
         assert dict(db.execute("select task_id, try_number from task_instance")) == dict.fromkeys(TASKS, 1)
         assert db.execute("select count(*) from task_instance_history").fetchone() == (0,)
     assert len(k8s_run["cluster"].requests("POST")) == len(POD_STAGES)  # one pod per pod stage
@@ -183,10 +176,9 @@ def test_the_tensorflow_stages_ran_as_pods_of_the_trainer_command(k8s_run: dict)
 def test_kubernetes_run_folder_matches_the_local_run(bucket: dict, local_run: dict, k8s_run: dict) -> None:
     assert local_run["run"].returncode == 0 and k8s_run["run"].returncode == 0
     assert untimed(k8s_run["files"]) == untimed(local_run["files"])
-    etags = [{o["Key"].split("/", 3)[-1]: o["ETag"] for o in bucket["s3"].list_objects_v2(
-        Bucket=BUCKET, Prefix=f"{r['name']}/runs/{r['key']}/train/exported/variables/")["Contents"]}
-        for r in (local_run, k8s_run)]
-    assert etags[0] == etags[1]  # the same trained weights
+    weights = [objects(bucket["s3"], f"{r['name']}/runs/{r['key']}/train/exported/variables/")
+               for r in (local_run, k8s_run)]
+    assert weights[0] and weights[0] == weights[1]  # the same trained weights (ETags)
     local, k8s = (read_json(bucket["s3"], f"{r['name']}/runs/{r['key']}/evaluate/metrics.json")
                   for r in (local_run, k8s_run))
     assert k8s == local
