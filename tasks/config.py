@@ -22,14 +22,12 @@ from tasks.errors import PersoncarError
 CONFIG_DIR = Path(__file__).with_name("configs")
 PRODUCTION_SOURCE = "s3://evp-ml-data/ml-interview/openimages-personcar/trainval.tar.gz"
 DEFAULT_MODEL = "ssd_resnet152_v1_fpn_640x640"
-# 50/101/152 are the zoo's SSD backbones; 26 (ResNet V1) and 18/34 (Model Garden's ResNet) exist for fast
-# CPU smoke runs and learning checks. Which depths a model takes depends on its backbone type.
-BACKBONES = ("resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152")
 MAX_LEVEL_STRIDE = 128  # FPN level 7: the input side must be a multiple of 2**7
 CLASSES = {1: "person", 2: "car"}
 START_PRETRAINED, START_SCRATCH = "pretrained", "scratch"
-MODULE_SETS = ("backbone", "backbone,decoder", "all")
 
+# 50/101/152 are the zoo's SSD backbones; 26 (ResNet V1) and 18/34 (Model Garden's ResNet) exist for fast
+# CPU smoke runs and learning checks. Which depths a model takes depends on its backbone type.
 Backbone = Literal["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 

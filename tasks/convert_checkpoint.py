@@ -45,7 +45,6 @@ ZOO_SCALES_PER_OCTAVE = 2
 ZOO_ANCHOR_SCALE = 4.0
 COCO_IDS = {"person": 1, "car": 3}      # the zoo's mscoco label map
 BACKGROUND_LOGIT = math.log(0.99 / 0.01)
-BN_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
 class ZooReader:

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, not_owned, safe_run_id, sha256_file
-from tasks.evaluate import load_metrics, split_per_class_key
+from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, copy_file_atomic, not_owned, safe_run_id, sha256_file
+from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
 from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, update_index
@@ -64,9 +64,6 @@ SWEEPS_DIR = "sweeps"
 _RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME, LATEST_LOCK_NAME, SWEEPS_INDEX_NAME, SWEEPS_DIR}
 
 
-# --------------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------------
 
 
 def publish(
@@ -148,7 +145,7 @@ def _mirror_run_folder(files: list[tuple[str, Path]], dest: str, run: str, where
         return
     with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished, flag="--dest") as tmp:
         for rel, path in files:
-            storage.copy_file_atomic(path, tmp / rel)
+            copy_file_atomic(path, tmp / rel)
 
 
 def _index_run(dest: str, run: str, metrics: dict[str, Any], gate: dict[str, Any], where: dict[str, Any],
@@ -221,7 +218,7 @@ def gate_verdict(metrics: dict[str, Any], previous: dict | None, gate: dict | No
     gate = _check_gate(gate)
     value = _metric_value(metrics, gate["metric"])
     baseline = _entry_metric(previous, gate["metric"]) if previous else None
-    promoted = _passes(value, baseline, gate["margin"], first=previous is None)
+    promoted = value is not None and value > (0 if baseline is None else baseline + gate["margin"])
     name = short_name(gate["metric"])
     if previous is None:
         reason = f"first promoted run: {name} {_fmt(value)}"
@@ -241,9 +238,6 @@ def last_promoted(entries: list[dict]) -> dict | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------
-# latest/
-# --------------------------------------------------------------------------------------------------
 
 
 def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path]], where: dict[str, Any]) -> str:
@@ -309,9 +303,6 @@ def _superseded(dest: str, run: str, where: dict[str, Any]) -> bool:
     return current is not None and current.get("run_id") != run
 
 
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
 
 
 def _check_gate(gate: dict | None) -> dict[str, Any]:
@@ -365,7 +356,7 @@ def _metric_value(metrics: dict[str, Any], name: str) -> float | None:
 
 def short_name(metric: str) -> str:
     """``DetectionBoxes_Precision/mAP@.50IOU`` -> ``mAP@.50IOU`` (the index's key)."""
-    for head in ("DetectionBoxes_Precision/", "DetectionBoxes_Recall/"):
+    for head in (METRIC_PREFIX, RECALL_PREFIX):
         if metric.startswith(head):
             return metric[len(head):]
     return metric
@@ -392,14 +383,6 @@ def _entry_metric(entry: dict, metric: str) -> float | None:
     if gate.get("metric") == metric and _number(gate.get("value")) is not None:
         return _number(gate["value"])
     return _number((entry.get("metrics") or {}).get(short_name(metric)))
-
-
-def _passes(value: float | None, baseline: float | None, margin: float, *, first: bool) -> bool:
-    if value is None:
-        return False
-    if first or baseline is None:
-        return value > 0
-    return value > baseline + margin
 
 
 def _fmt(value: float | None) -> str:

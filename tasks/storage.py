@@ -9,7 +9,7 @@ missing or holds no credentials is an error naming it, never a silent anonymous 
 
 What TensorFlow needs stays local (it has no S3 filesystem): :class:`Staging` mirrors inputs
 down and outputs up, and the model folder again after every checkpoint, sending only files whose
-size and ETag changed (S3's ETag is the MD5, or the multipart MD5 for the part size below).
+size and ETag changed (S3's ETag is the MD5, or the multipart MD5 of s3fs's part size).
 Publishing's conditional index writes use the boto3 client of :func:`s3_client` (the same
 connection). Every failure is a :class:`StorageError` naming the location and the reason.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +27,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from tasks.artifacts import copy_file_atomic, write_bytes_atomic
 from tasks.errors import PersoncarError
 from tasks.logs import log
 
-#: The part size s3fs uploads large files in (files of two parts and more); predicts their ETag.
-MULTIPART_CHUNK = 50 * 1024 * 1024
 MAX_WORKERS = 8
 _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
                      "AccessDenied", "InvalidClientTokenId", "403")
@@ -45,9 +43,6 @@ class StorageError(PersoncarError):
         super().__init__(message)
         self.code, self.bucket = code, bucket
 
-
-# --------------------------------------------------------------------------------------------------
-# Locations
 
 
 def is_remote(uri: str | os.PathLike[str]) -> bool:
@@ -96,9 +91,6 @@ def list_files(local: Path) -> list[tuple[str, Path]]:
     """``(relative posix path, file)`` for every regular file under ``local``, sorted."""
     return [(p.relative_to(local).as_posix(), p) for p in sorted(local.rglob("*")) if p.is_file()]
 
-
-# --------------------------------------------------------------------------------------------------
-# Connections and errors
 
 
 def aws_hook(conn_id: str | None) -> Any:
@@ -211,9 +203,6 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         raise StorageError(f"{action} {uri} failed: {reason}", code=code,
                            bucket=split_s3(uri)[0] if is_remote(uri) else None) from exc
 
-
-# --------------------------------------------------------------------------------------------------
-# Mirroring
 
 
 def s3_etag(path: Path, chunk: int | None = None) -> str:
@@ -369,15 +358,7 @@ def write_bytes(uri: str, data: bytes, *, content_type: str | None = None, **whe
         if is_remote(uri):
             p.fs.pipe_file(p.path, data, ContentType=content_type or "application/octet-stream")
         else:
-            path = Path(p.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            from tasks.artifacts import _umask
-
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.fchmod(fd, 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_bytes_atomic(p.path, data)
 
 
 def list_names(uri: str, **where: Any) -> list[str]:
@@ -403,20 +384,6 @@ def presigned_url(uri: str, *, expires_in: int = 3600, **where: Any) -> str:
     p = location(uri, **where)
     with storage_errors(uri, "presign"):
         return p.fs.url(p.path, expires=expires_in)
-
-
-def copy_file_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temp file beside ``dst`` and a rename (keeps mtime)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def content_type(path: str | os.PathLike[str]) -> str:

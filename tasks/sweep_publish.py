@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import StageOutputs, atomic_dir, not_owned, safe_run_id
+from tasks.artifacts import StageOutputs, atomic_dir, copy_file_atomic, not_owned, safe_run_id
 from tasks.errors import PersoncarError
 from tasks.logs import log
 from tasks.publish import SWEEPS_DIR, SWEEPS_INDEX_NAME, load_index, normalize_dest, update_index
@@ -68,7 +68,7 @@ def publish_sweep(src: str | Path, dest: str, *, sweep_id: str, winner: dict[str
     else:
         with atomic_dir(storage.local_path(uri), StageOutputs("publish"), owned=listed, flag="--dest") as tmp:
             for rel, path in files:
-                storage.copy_file_atomic(path, tmp / rel)
+                copy_file_atomic(path, tmp / rel)
     entry = _entry(key, doc, winner)
 
     def change(entries: list[dict]) -> list[dict]:

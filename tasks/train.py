@@ -27,8 +27,6 @@ from tasks.errors import PersoncarError
 from tasks.logs import log
 
 EXPORT_SUBDIR = "exported"
-BEST_SUBDIR = "best"
-VALIDATION_FILE = "validation.json"
 DEPTHS = {"resnet_v1": (26, 50, 101, 152), "resnet": (18, 34, 50, 101, 152, 200)}
 
 

@@ -109,7 +109,7 @@ def test_multipart_object_etag_is_predicted(s3_bucket, tmp_path):
     client = storage.s3_client(endpoint)
     big = tmp_path / "ckpt" / "ckpt-1.data-00000-of-00001"
     big.parent.mkdir()
-    big.write_bytes(os.urandom(2 * storage.MULTIPART_CHUNK + 12345))
+    big.write_bytes(os.urandom(2 * 50 * 2**20 + 12345))  # two of s3fs's 50 MiB parts, and a third
     storage.upload_dir(big.parent, f"s3://{bucket}/model", endpoint_url=endpoint)
 
     etag = client.head_object(Bucket=bucket, Key=f"model/{big.name}")["ETag"].strip('"')
