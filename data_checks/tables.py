@@ -167,22 +167,24 @@ def build_tables(doc: dict[str, Any]) -> Tables:
     return Tables(images=images, annotations=annotations, categories=categories)
 
 
+def _fields(rows: list[dict[str, Any]], *keys: str) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+    """Each key's values (``MISSING`` where a record lacks it) and their kinds (``bbox``: :func:`bbox_kind`)."""
+    values = {key: [r.get(key, MISSING) for r in rows] for key in keys}
+    kinds = {key: [(bbox_kind if key == "bbox" else json_kind)(v) for v in vals] for key, vals in values.items()}
+    return values, kinds
+
+
+def _strings(values: list[Any], kinds: list[str]) -> pd.Series:
+    return pd.Series([v if k == "string" else None for v, k in zip(values, kinds, strict=True)], dtype=object)
+
+
 def _image_table(imgs: list[dict[str, Any]]) -> pd.DataFrame:
-    i_id = [r.get("id", MISSING) for r in imgs]
-    i_fn = [r.get("file_name", MISSING) for r in imgs]
-    i_w = [r.get("width", MISSING) for r in imgs]
-    i_h = [r.get("height", MISSING) for r in imgs]
-    i_id_k = [json_kind(v) for v in i_id]
-    i_fn_k = [json_kind(v) for v in i_fn]
-    i_w_k = [json_kind(v) for v in i_w]
-    i_h_k = [json_kind(v) for v in i_h]
+    v, k = _fields(imgs, "id", "file_name", "width", "height")
     return pd.DataFrame({
-        "ref": pd.Series(_ref("images", i_id, i_id_k), dtype=object),
-        "id_kind": i_id_k, "file_name_kind": i_fn_k, "width_kind": i_w_k, "height_kind": i_h_k,
-        "id": _ints(i_id, i_id_k),
-        "file_name": pd.Series([v if k == "string" else None for v, k in zip(i_fn, i_fn_k, strict=True)],
-                               dtype=object),
-        "width": _floats(i_w, i_w_k), "height": _floats(i_h, i_h_k),
+        "ref": pd.Series(_ref("images", v["id"], k["id"]), dtype=object),
+        **{f"{key}_kind": k[key] for key in v},
+        "id": _ints(v["id"], k["id"]), "file_name": _strings(v["file_name"], k["file_name"]),
+        "width": _floats(v["width"], k["width"]), "height": _floats(v["height"], k["height"]),
     })
 
 
@@ -196,27 +198,14 @@ def _image_sizes(images: pd.DataFrame) -> dict[int, tuple[float, float]]:
 
 
 def _annotation_table(anns: list[dict[str, Any]], sizes: dict[int, tuple[float, float]]) -> pd.DataFrame:
-    a_id = [r.get("id", MISSING) for r in anns]
-    a_img = [r.get("image_id", MISSING) for r in anns]
-    a_cat = [r.get("category_id", MISSING) for r in anns]
-    a_bbox = [r.get("bbox", MISSING) for r in anns]
-    a_crowd = [r.get("iscrowd", MISSING) for r in anns]
-    a_seg = [r.get("segmentation", MISSING) for r in anns]
-    a_area = [r.get("area", MISSING) for r in anns]
-    a_id_k = [json_kind(v) for v in a_id]
-    a_img_k = [json_kind(v) for v in a_img]
-    a_cat_k = [json_kind(v) for v in a_cat]
-    a_bbox_k = [bbox_kind(v) for v in a_bbox]
-    a_crowd_k = [json_kind(v) for v in a_crowd]
-    a_seg_k = [json_kind(v) for v in a_seg]
-    a_area_k = [json_kind(v) for v in a_area]
+    v, k = _fields(anns, "id", "image_id", "category_id", "bbox", "iscrowd", "segmentation", "area")
     n = len(anns)
     box = np.full((n, 4), np.nan)
-    for i, (b, k) in enumerate(zip(a_bbox, a_bbox_k, strict=True)):
-        if k == BBOX_OK:
+    for i, (b, kind) in enumerate(zip(v["bbox"], k["bbox"], strict=True)):
+        if kind == BBOX_OK:
             box[i] = [float(e) for e in b]
     x, y, w, h = box.T
-    image_id = _ints(a_img, a_img_k)
+    image_id = _ints(v["image_id"], k["image_id"])
     wh = np.array([sizes.get(v, (np.nan, np.nan)) if v is not None else (np.nan, np.nan) for v in image_id],
                   dtype=np.float64).reshape(n, 2)
     img_w, img_h = wh.T
@@ -234,17 +223,16 @@ def _annotation_table(anns: list[dict[str, Any]], sizes: dict[int, tuple[float, 
         clip_min_side = np.where(positive & (in_fraction > 0), np.minimum(cw, ch), np.nan)
         rel_size = np.where(positive, np.sqrt(pixel_area / (img_w * img_h)), np.nan)
         aspect = np.where(positive, w / h, np.nan)
-        area = _floats(a_area, a_area_k, ("integer", "number"))
+        area = _floats(v["area"], k["area"], ("integer", "number"))
         area_ratio = np.where(positive, area / pixel_area, np.nan)
     for arr in (x2, y2, in_fraction, clip_min_side, rel_size, aspect, area_ratio):
         arr[~np.isfinite(arr)] = np.nan
 
     return pd.DataFrame({
-        "ref": pd.Series(_ref("annotations", a_id, a_id_k), dtype=object),
-        "id_kind": a_id_k, "image_id_kind": a_img_k, "category_id_kind": a_cat_k, "bbox_kind": a_bbox_k,
-        "iscrowd_kind": a_crowd_k, "segmentation_kind": a_seg_k,
-        "id": _ints(a_id, a_id_k), "image_id": image_id, "category_id": _ints(a_cat, a_cat_k),
-        "iscrowd": _ints(a_crowd, a_crowd_k),
+        "ref": pd.Series(_ref("annotations", v["id"], k["id"]), dtype=object),
+        **{f"{key}_kind": k[key] for key in ("id", "image_id", "category_id", "bbox", "iscrowd", "segmentation")},
+        "id": _ints(v["id"], k["id"]), "image_id": image_id, "category_id": _ints(v["category_id"], k["category_id"]),
+        "iscrowd": _ints(v["iscrowd"], k["iscrowd"]),
         "x": x, "y": y, "w": w, "h": h, "x2": x2, "y2": y2,
         "image_width": img_w, "image_height": img_h,
         "in_image_fraction": in_fraction, "clipped_min_side": clip_min_side,
@@ -253,23 +241,19 @@ def _annotation_table(anns: list[dict[str, Any]], sizes: dict[int, tuple[float, 
 
 
 def _category_table(cats: list[dict[str, Any]], annotations: pd.DataFrame) -> pd.DataFrame:
-    c_id = [r.get("id", MISSING) for r in cats]
-    c_name = [r.get("name", MISSING) for r in cats]
-    c_id_k = [json_kind(v) for v in c_id]
-    c_name_k = [json_kind(v) for v in c_name]
+    v, k = _fields(cats, "id", "name")
     per_cat = annotations["category_id"].dropna().value_counts()
-    cat_ids = _ints(c_id, c_id_k)
-    num_boxes = np.array([float(per_cat.get(v, 0)) if v is not None else np.nan for v in cat_ids],
+    cat_ids = _ints(v["id"], k["id"])
+    num_boxes = np.array([float(per_cat.get(c, 0)) if c is not None else np.nan for c in cat_ids],
                          dtype=np.float64)
     total = max(len(annotations), 1)
     return pd.DataFrame({
-        "ref": pd.Series(_ref("categories", c_id, c_id_k), dtype=object),
-        "id_kind": c_id_k, "name_kind": c_name_k, "id": cat_ids,
-        "name": pd.Series([v if k == "string" else None for v, k in zip(c_name, c_name_k, strict=True)],
-                          dtype=object),
+        "ref": pd.Series(_ref("categories", v["id"], k["id"]), dtype=object),
+        "id_kind": k["id"], "name_kind": k["name"], "id": cat_ids, "name": _strings(v["name"], k["name"]),
         "num_boxes": num_boxes,
         "box_fraction": np.where(cat_ids.notna().to_numpy(), num_boxes / total, np.nan),
         # "<id> '<name>'" (None when either has the wrong type), compared with the model's label map
-        "entry": pd.Series([label_entry(i, nm) if k == "integer" and nk == "string" else None
-                            for i, nm, k, nk in zip(c_id, c_name, c_id_k, c_name_k, strict=True)], dtype=object),
+        "entry": pd.Series([label_entry(i, nm) if ik == "integer" and nk == "string" else None
+                            for i, nm, ik, nk in zip(v["id"], v["name"], k["id"], k["name"], strict=True)],
+                           dtype=object),
     })

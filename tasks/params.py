@@ -82,7 +82,9 @@ def add_run_flags(parser: Any, names: tuple[str, ...]) -> None:
             parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
                                 help=f"off: {help_text}")
         elif typing.get_origin(kind) is Literal:
-            parser.add_argument(flag, dest=name, choices=typing.get_args(kind), help=help_text)
+            choices = typing.get_args(kind)  # "{a | b,c}": a choice may hold a comma (backbone,decoder)
+            parser.add_argument(flag, dest=name, choices=choices, metavar="{" + " | ".join(choices) + "}",
+                                help=help_text)
         elif kind in (int, float):
             bounds = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le")
                       if getattr(m, k, None) is not None}
