@@ -22,11 +22,10 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import Param, dag, task, task_group
 
 from tasks.config import PRODUCTION_SOURCE
-from tasks.dag_common import (BACKEND, DEFAULT_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
+from tasks.dag_common import (BACKEND, DAG_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
                               validate_annotations)
 from tasks.params import dag_params
 from tasks.sweep import DEFAULT_CANDIDATES, DEFAULT_MARGIN
@@ -59,12 +58,9 @@ PARAMS = {
     dag_id="personcar_backbone_sweep",
     description="Train and evaluate several backbones on one data pass; compare them and recommend one.",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
+    **DAG_ARGS,
     params=PARAMS,
     tags=["personcar", "object-detection", "tensorflow", "sweep"],
-    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
     user_defined_macros=MACROS,
 )

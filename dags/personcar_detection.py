@@ -22,12 +22,11 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from tasks.config import PRODUCTION_SOURCE
-from tasks.dag_common import (BACKEND, DEFAULT_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
+from tasks.dag_common import (BACKEND, DAG_ARGS, MODEL, NETWORK_RETRIES, build_tfrecords, download_dataset,
                               validate_annotations)
 from tasks.dag_tasks import MACROS
 from tasks.params import dag_params
@@ -46,12 +45,9 @@ ARCHIVE = Asset(name="openimages_personcar_archive", uri=DEFAULT_SOURCE)
     description="Validate the openimages-personcar data, train SSD ResNet152 V1 FPN, evaluate and publish.",
     # weekly retrain, Mondays 03:00 UTC, and whenever the source archive is updated
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[ARCHIVE]),
-    start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
+    **DAG_ARGS,
     params=PARAMS,
     tags=["personcar", "object-detection", "tensorflow", "training"],
-    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
     user_defined_macros=MACROS,
 )

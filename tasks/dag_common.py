@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import pendulum
 from airflow.sdk import Asset, task
 
 #: read when a DAG is parsed: ``local`` runs every stage in the worker, ``kubernetes`` the
@@ -17,6 +18,9 @@ BACKEND = os.environ.get("PERSONCAR_EXECUTION_BACKEND", "local")
 NETWORK_RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
                    "max_retry_delay": timedelta(minutes=15)}
 DEFAULT_ARGS = {"owner": "personcar", "retries": 1, "retry_delay": timedelta(minutes=2)}
+#: what both DAGs' ``@dag`` takes alike: the first date, no catch-up, one run at a time, the retry policy
+DAG_ARGS = {"start_date": pendulum.datetime(2026, 1, 5, tz="UTC"), "catchup": False, "max_active_runs": 1,
+            "default_args": DEFAULT_ARGS}
 DATASET = Asset(name="personcar_dataset")
 MODEL = Asset(name="personcar_model")
 

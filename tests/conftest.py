@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hypothesis  # noqa: F401  (imported now: a first import at the session's end trips CPython 3.11's AST check)
 import pytest
@@ -89,6 +90,33 @@ def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "clean": pixel_area_copy(raw, root / "clean.json"),
         "images": root / "data" / "trainval" / "images",
     }
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Everything under root (files by content, links by target, folders by name), leaving out the
+    ``skip`` subtrees; ``{}`` when root does not exist. What a refused command must leave unchanged."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if any(rel == s or rel.startswith(s + "/") for s in skip):
+                continue
+            out[rel] = ("-> " + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    """Run ``personcar ARGS`` in-process; the exit code and the one line the command printed on stderr."""
+    from tasks.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("personcar ")]
+    assert len(lines) <= 1, lines
+    return rc, lines[0] if lines else ""
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from PIL import Image
 from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
+from tests.conftest import snapshot
 
 MTIME = 1_700_000_000
 N_IMAGES = 3
@@ -100,22 +101,7 @@ def write_tar(path: Path, entries: list, mode: str = "w:gz") -> Path:
     return path
 
 
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Everything under root: files by content, links by target, folders by name."""
-    if not root.exists():
-        return {}
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "-> " + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = p.read_bytes()
-    return out
+
 
 
 @pytest.fixture()

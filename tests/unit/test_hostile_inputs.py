@@ -11,7 +11,6 @@ import copy
 import gzip
 import io
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -25,33 +24,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tasks.cli import main
+from tests.conftest import cli, snapshot
 
 HINT = "; run `personcar validate` and build from its annotations.clean.json"
 
 
-def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Everything under root (files by content, links by target), leaving out the ``skip`` subtrees."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = p.relative_to(root).as_posix()
-            if any(rel == s or rel.startswith(s + "/") for s in skip):
-                continue
-            out[rel] = ("-> " + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
-    return out
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    """Run ``personcar ARGS``; the exit code and the one line the command printed on stderr."""
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("personcar ")]
-    assert len(lines) <= 1, lines
-    return rc, lines[0] if lines else ""
+
+
 
 
 @pytest.fixture()

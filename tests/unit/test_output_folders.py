@@ -8,36 +8,19 @@ folder it wrote must still replace it (the DAG re-runs tasks into the same run f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir
-from tasks.cli import main
 from tasks.errors import PersoncarError
+from tests.conftest import cli, snapshot
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    """Everything under root: files by content, links by target, folders by name."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = p.relative_to(root).as_posix()
-            out[rel] = ("-> " + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
-    return out
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("personcar ")]
-    assert len(lines) <= 1, lines
-    return rc, lines[0] if lines else ""
+
+
 
 
 def refusal(cmd: str, flag: str, folder: Path, example: str = "notes.txt", stage: str | None = None) -> str:
