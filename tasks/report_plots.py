@@ -132,7 +132,6 @@ def _ema(values: list[float], weight: float = 0.6) -> list[float]:
     return out
 
 
-
 def plot_losses(scalars: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> bool:
     tags = _loss_tags(scalars)
     if not tags:
@@ -145,7 +144,7 @@ def plot_losses(scalars: dict[str, dict[str, list[tuple[int, float]]]], path: Pa
                 continue
             steps, values = [s for s, _ in series[tag]], [v for _, v in series[tag]]
             c, label = colours[i % len(colours)], _mpl_text(run if run != "." else "train")
-            if len(values) > 10:
+            if len(values) > 10 and "loss" in tag.lower():  # the schedule is drawn as it is
                 ax.plot(steps, values, color=c, alpha=0.3, linewidth=1)
                 ax.plot(steps, _ema(values), color=c, linewidth=2, label=label)
             else:
@@ -179,7 +178,7 @@ def plot_pr_curves(curves: dict[str, Any], path: Path) -> bool:
                     label=f"IoU {c.get('iou', key[-4:])}: AP {ap:.3f}" if is_num(ap) else f"IoU {key[-4:]}")
             drew = True
         if drew:
-            ax.legend(fontsize=8, loc="lower left")
+            ax.legend(fontsize=8, loc="best")  # clear of the curves
         else:
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlim=(0, 1.0), ylim=(0, 1.02))

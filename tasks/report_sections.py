@@ -33,7 +33,8 @@ PARAMETERS = (
 LABELS = {k: label for k, label, _ in PARAMETERS} | {
     "run_id": "Run id", "source": "Source", "sha256": "SHA-256", "size_bytes": "Archive size (bytes)",
     "images": "Images", "images_per_second": "Images / s", "seconds_per_step": "Seconds / step",
-    "trained_steps": "Steps trained here", "start_step": "First step", "gpus": "GPUs", "zoo_name": "Zoo model"}
+    "trained_steps": "Steps trained here", "start_step": "First step", "gpus": "GPUs", "zoo_name": "Zoo model",
+    "xla": "XLA", "replica_batches": "Batch per replica"}
 SKIP_PARAMETERS = {"run_id", "resolved", "replicas", "warmup_learning_rate", "steps_per_epoch", "train_images"}
 SKIP_TRAINING = {"started_from", "best_validation", "validations", "exported_step"}
 
@@ -255,7 +256,7 @@ def errors(e: Any, missing: list[str]) -> dict | None:
                      "table": table(["class", *types, "total"], rows, set(range(1, len(types) + 2)))}
     if sizes:
         def missed(n: Any, total: Any) -> str:
-            return f"{n} / {total}" if total else fmt(n)
+            return fmt(n) if total is None else f"{n} / {total}"
 
         gt = fn.get("ground_truth_by_class") or {}
         rows = [[c] + [missed(n.get(s), (gt.get(c) or {}).get(s)) for s in sizes]
