@@ -84,13 +84,17 @@ class StageOutputs:
 
 
 def check_output_dir(folder: str | os.PathLike[str], outputs: StageOutputs | None, *,
-                     owned: bool = False, flag: str = "--out") -> Path:
+                     owned: bool = False, flag: str = "--out", inputs: tuple[Path, ...] = ()) -> Path:
     """The absolute path of ``folder`` when the stage may replace it; else a one-line PersoncarError.
 
     Replaceable: absent, an empty folder, a folder of the stage's own (see :class:`StageOutputs`),
     or ``owned`` (the caller knows it from elsewhere, e.g. an index). ``outputs=None`` allows only
-    absent or empty folders.
+    absent or empty folders. Never one of the stage's ``inputs``, or a folder holding one.
     """
+    resolved = Path(folder).resolve()
+    for given in inputs:
+        if given.resolve() == resolved or resolved in given.resolve().parents:
+            raise PersoncarError(f"{flag} {folder} would replace the input {given}: choose a separate folder")
     path = Path(os.path.abspath(folder))
     stage = outputs.stage if outputs is not None else "this stage"
     if path == Path(path.anchor):

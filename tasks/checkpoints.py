@@ -224,14 +224,6 @@ def checkpoint_format(keys: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
 # --------------------------------------------------------------------------- restoring
 
 
-def module_objects(model: Any, modules: tuple[str, ...]) -> dict[str, Any]:
-    return {m: getattr(model, m) for m in modules}
-
-
-def _count(objs: dict[str, Any]) -> int:
-    return sum(len(o.variables) for o in objs.values())
-
-
 def _mismatch_line(prefix: str, exc: BaseException, modules: tuple[str, ...]) -> str:
     text = " ".join(str(exc).split())
     shape = re.search(r"Received incompatible tensor with shape (\([^)]*\)) when attempting to restore variable "
@@ -251,7 +243,7 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
     """Restore ``modules`` of ``model`` from a personcar / Model Garden checkpoint; the variable count."""
     import tensorflow as tf
 
-    objs = module_objects(model, modules)
+    objs = {m: getattr(model, m) for m in modules}
     ckpt = tf.train.Checkpoint(**objs)
     try:
         status = ckpt.read(prefix)
@@ -263,7 +255,7 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
             del ckpt, exc  # the exception holds them too: the line carries what it said
             gc.collect()
         raise PersoncarError(line) from None
-    return _count(objs)
+    return sum(len(o.variables) for o in objs.values())
 
 
 @contextlib.contextmanager

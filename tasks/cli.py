@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import PersoncarError
+from tasks.params import add_run_flags, flag_type
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -191,31 +191,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
-    return value
-
-
-positive, non_negative = _int_at_least(1), _int_at_least(0)
+positive, non_negative = flag_type(int, {"ge": 1}), flag_type(int, {"ge": 0})
+_fraction = flag_type(float, {"ge": 0.0, "le": 1.0})
 
 
 TRAIN_FLAGS = ("model", "backbone", "epochs", "steps", "batch_size", "image_size", "learning_rate", "init_checkpoint",
@@ -237,8 +214,6 @@ def _download_args(s: argparse.ArgumentParser) -> None:
 
 
 def _validate_args(s: argparse.ArgumentParser) -> None:
-    from tasks.params import add_run_flags
-
     s.add_argument("--annotations", required=True)
     s.add_argument("--images", help="image folder: also run the image checks")
     s.add_argument("--out", required=True)
@@ -247,8 +222,6 @@ def _validate_args(s: argparse.ArgumentParser) -> None:
 
 
 def _tfrecords_args(s: argparse.ArgumentParser) -> None:
-    from tasks.params import add_run_flags
-
     s.add_argument("--annotations", required=True, help="the cleaned COCO JSON (annotations.clean.json)")
     s.add_argument("--images", required=True)
     s.add_argument("--out", required=True)
@@ -258,8 +231,6 @@ def _tfrecords_args(s: argparse.ArgumentParser) -> None:
 
 
 def _train_args(s: argparse.ArgumentParser) -> None:
-    from tasks.params import add_run_flags
-
     s.add_argument("--data", required=True, help="TFRecord folder")
     s.add_argument("--model-dir", required=True)
     add_run_flags(s, TRAIN_FLAGS)
@@ -274,8 +245,6 @@ def _train_args(s: argparse.ArgumentParser) -> None:
 
 
 def _convert_checkpoint_args(s: argparse.ArgumentParser) -> None:
-    from tasks.params import add_run_flags
-
     s.add_argument("--src", required=True, help="the zoo's .tar.gz (path or https://) or its checkpoint prefix/folder")
     s.add_argument("--out", required=True, help="folder for the converted checkpoint (ckpt-1) and conversion.json")
     add_run_flags(s, ("model", "backbone"))

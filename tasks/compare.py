@@ -16,6 +16,7 @@ the report is still written; the command and the task then fail (:func:`check_re
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,16 +29,13 @@ from typing import Any
 from tasks import storage
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, write_json_atomic
 from tasks.errors import PersoncarError
-from tasks.evaluate import split_per_class_key
+from tasks.evaluate import CLASS_METRICS, SHORT_METRICS, split_per_class_key
 from tasks.logs import log
 from tasks.staging import staging
 from tasks.sweep import DEFAULT_MARGIN, FAILURE, ranked, recommend, score
 
 OUTPUTS = StageOutputs("compare", "sweep.json", keys=("candidates", "recommendation"),
                        names=("sweep.json", "report.html", "report.md", "pr_curves.png"))
-METRICS = {"mAP": "DetectionBoxes_Precision/mAP", "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
-           "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU"}
-CLASS_METRICS = {"AP": "mAP", "AP@.50": "mAP@.50IOU", "AP@.75": "mAP@.75IOU"}
 LATENCY_IMAGES = 20
 Measure = Callable[[dict[str, Path], list[bytes]], dict[str, dict[str, Any]]]
 
@@ -79,7 +77,7 @@ def read_run(name: str, uri: str, where: dict[str, Any]) -> dict[str, Any]:
         "metrics": None, "per_class": {}, "parameters": None, "saved_model_bytes": None, "latency": None,
     }
     if isinstance(metrics, dict) and isinstance(summary, dict):
-        rec["metrics"] = {short: metrics.get(full) for short, full in METRICS.items()}
+        rec["metrics"] = {short: metrics.get(full) for short, full in SHORT_METRICS.items()}
         rec["per_class"] = _per_class(metrics)
         rec["pr_curves"] = _json(storage.join_uri(uri, "evaluate", "pr_curves.json"), where)
         return rec
@@ -115,17 +113,10 @@ def saved_model_facts(saved: Path) -> dict[str, int]:
     """Parameters (every weight of the SavedModel, batch-norm statistics included) and its size on disk."""
     import tensorflow as tf
 
-    weights = sum(int(_prod(shape)) for name, shape in tf.train.list_variables(str(saved / "variables" / "variables"))
+    weights = sum(math.prod(shape) for name, shape in tf.train.list_variables(str(saved / "variables" / "variables"))
                   if "_CHECKPOINTABLE_OBJECT_GRAPH" not in name)
     size = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
     return {"parameters": weights, "saved_model_bytes": size}
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
 
 
 def measure_models(models: dict[str, Path], images: list[bytes], *, warmup: int = 2) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.errors import PersoncarError
@@ -44,9 +44,6 @@ class Compute:
     @property
     def loss_scale(self) -> str | None:
         return "dynamic" if self.precision == "float16" else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def requested_cpu_replicas(cpu_replicas: int | None = None) -> int:

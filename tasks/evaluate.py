@@ -40,6 +40,10 @@ OUTPUTS = StageOutputs("evaluate", "error_analysis.json", keys=("false_positives
 METRIC_PREFIX = "DetectionBoxes_Precision/"
 RECALL_PREFIX = "DetectionBoxes_Recall/"
 PER_CLASS_PREFIX = "DetectionBoxes_PerformanceByCategory/"
+#: the headline metrics under the short names the runs index, the reports and the sweeps use
+SHORT_METRICS = {name: METRIC_PREFIX + name for name in ("mAP", "mAP@.50IOU", "mAP@.75IOU")}
+#: the per-class columns of the reports and sweeps, and the short metric each shows
+CLASS_METRICS = {"AP": "mAP", "AP@.50": "mAP@.50IOU", "AP@.75": "mAP@.75IOU"}
 
 # Order of COCOeval.stats for iouType "bbox".
 COCO_STAT_NAMES = (
@@ -86,8 +90,14 @@ def _load_json(path: Path, what: str) -> Any:
         raise PersoncarError(f"{path}: {what} file is not valid JSON ({e})") from e
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def is_num(v: Any) -> bool:
+    """A finite int or float, not a bool: a usable box coordinate, score or metric."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def as_num(v: Any) -> float | None:
+    """``v`` as a float when :func:`is_num`, else None."""
+    return float(v) if is_num(v) else None
 
 
 def load_metrics(path: str | Path) -> dict[str, Any]:
@@ -128,9 +138,9 @@ def load_ground_truth(path: str | Path) -> dict[str, Any]:
         if not isinstance(ann, dict):
             raise PersoncarError(f"{path}: annotations[{i}] is not an object")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_num(v) for v in bbox)):
             raise PersoncarError(f"{path}: annotation id {ann_id} has no valid bbox [x, y, w, h]")
-        if not _is_number(ann.get("area")):
+        if not is_num(ann.get("area")):
             raise PersoncarError(
                 f"{path}: annotation id {ann_id} has no numeric 'area'; COCO size buckets need "
                 "pixel areas (w*h)")
@@ -183,10 +193,10 @@ def load_detections(path: str | Path, gt: dict[str, Any], gt_path: str | Path) -
                 f"{path}: detection #{i} has category_id {d.get('category_id')!r}, not one of the "
                 f"ground truth's categories {sorted(cat_ids)}")
         bbox = d.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_num(v) for v in bbox)
                 and bbox[2] >= 0 and bbox[3] >= 0):
             raise PersoncarError(f"{path}: detection #{i} has no valid bbox [x, y, w, h] (pixels, w, h >= 0)")
-        if not _is_number(d.get("score")):
+        if not is_num(d.get("score")):
             raise PersoncarError(f"{path}: detection #{i} has no numeric score")
         out.append({"image_id": d["image_id"], "category_id": d["category_id"],
                     "bbox": [float(v) for v in bbox], "score": float(d["score"])})

@@ -18,9 +18,6 @@ class Progress:
     def __init__(self, what: str, total: int | None = None, unit: str = "items", every: float = 5.0,
                  done: int = 0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.reset(done)
-
-    def reset(self, done: int = 0) -> None:
         self.start = self._last = time.monotonic()
         self.done = self._base = done
 

@@ -40,7 +40,7 @@ def dag_params(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     return params
 
 
-def _flag_type(kind: type, bounds: dict[str, Any]) -> Any:
+def flag_type(kind: type, bounds: dict[str, Any]) -> Any:
     """An argparse ``type`` that parses ``kind`` and checks a field's ge/gt/le bounds (one-line errors)."""
     import argparse
     import operator
@@ -88,6 +88,6 @@ def add_run_flags(parser: Any, names: tuple[str, ...]) -> None:
         elif kind in (int, float):
             bounds = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le")
                       if getattr(m, k, None) is not None}
-            parser.add_argument(flag, dest=name, type=_flag_type(kind, bounds), help=help_text)
+            parser.add_argument(flag, dest=name, type=flag_type(kind, bounds), help=help_text)
         else:
             parser.add_argument(flag, dest=name, help=help_text)

@@ -40,7 +40,7 @@ from typing import Any
 
 from tasks import storage
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, copy_file_atomic, not_owned, safe_run_id, sha256_file
-from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, load_metrics, split_per_class_key
+from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, SHORT_METRICS, as_num, load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
 from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, update_index
@@ -49,12 +49,6 @@ LATEST_DIR = "latest"
 POINTER_NAME = "pointer.json"
 LATEST_LOCK_NAME = ".latest.lock"
 
-#: Short names kept in the index, and the OD API metric each one comes from.
-INDEX_METRICS = {
-    "mAP": "DetectionBoxes_Precision/mAP",
-    "mAP@.50IOU": "DetectionBoxes_Precision/mAP@.50IOU",
-    "mAP@.75IOU": "DetectionBoxes_Precision/mAP@.75IOU",
-}
 DEFAULT_GATE: dict[str, Any] = {"metric": "DetectionBoxes_Precision/mAP@.50IOU", "margin": 0.0}
 
 #: Backbone sweeps are published beside the runs (tasks.sweep_publish): ``DEST/sweeps.json``, ``DEST/sweeps/<id>/``.
@@ -337,20 +331,13 @@ def _collect_files(src: Path, extra: dict[str, Path]) -> list[tuple[str, Path]]:
     return sorted(files.items())
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _metric_value(metrics: dict[str, Any], name: str) -> float | None:
     """A metric from metrics.json: top level, or under a nested "metrics" object."""
     if name in metrics:
-        return _number(metrics[name])
+        return as_num(metrics[name])
     nested = metrics.get("metrics")
     if isinstance(nested, dict) and name in nested:
-        return _number(nested[name])
+        return as_num(nested[name])
     return None
 
 
@@ -363,7 +350,7 @@ def short_name(metric: str) -> str:
 
 
 def _index_metrics(metrics: dict[str, Any], gate_metric: str) -> dict[str, float | None]:
-    out = {short: _metric_value(metrics, full) for short, full in INDEX_METRICS.items()}
+    out = {short: _metric_value(metrics, full) for short, full in SHORT_METRICS.items()}
     out.setdefault(short_name(gate_metric), _metric_value(metrics, gate_metric))
     return out
 
@@ -373,16 +360,16 @@ def _class_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         name, cls = split_per_class_key(key) or ("", "")
-        if name in INDEX_METRICS and _number(value) is not None:
-            out.setdefault(cls, {})[name] = _number(value)
+        if name in SHORT_METRICS and as_num(value) is not None:
+            out.setdefault(cls, {})[name] = as_num(value)
     return out
 
 
 def _entry_metric(entry: dict, metric: str) -> float | None:
     gate = entry.get("gate") or {}
-    if gate.get("metric") == metric and _number(gate.get("value")) is not None:
-        return _number(gate["value"])
-    return _number((entry.get("metrics") or {}).get(short_name(metric)))
+    if gate.get("metric") == metric and as_num(gate.get("value")) is not None:
+        return as_num(gate["value"])
+    return as_num((entry.get("metrics") or {}).get(short_name(metric)))
 
 
 def _fmt(value: float | None) -> str:

@@ -32,15 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir
-from tasks.evaluate import PER_CLASS_PREFIX, load_metrics, split_per_class_key
+from tasks.evaluate import CLASS_METRICS, PER_CLASS_PREFIX, SHORT_METRICS, load_metrics, split_per_class_key
 from tasks.logs import log
-from tasks.report_plots import (MAP, MAP50, MAP75, draw_samples, is_num, plot_losses, plot_pr_curves,
-                                plot_validation, read_scalars)
+from tasks.report_plots import MAP, MAP50, MAP75, is_num, plot_pr_curves, read_scalars
 from tasks.report_sections import (coverage, dataset, delta, errors, fmt, image, parameters, samples, table,
                                    training, validation)
 
-__all__ = ["BASELINE", "MAP", "MAP50", "MAP75", "build_report", "draw_samples", "plot_losses", "plot_pr_curves",
-           "plot_validation", "read_scalars"]
+__all__ = ["BASELINE", "MAP", "MAP50", "MAP75", "build_report", "read_scalars"]
 
 GENERATOR = '<meta name="generator" content="personcar report">'
 OUTPUTS = StageOutputs("report", "report.html", text=GENERATOR,
@@ -52,8 +50,6 @@ BASELINE_ABOUT = "SSD ResNet152 V1 FPN, TF OD API, 10k steps"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 HEADLINE = (("mAP@.50IOU", MAP50), ("mAP@.75IOU", MAP75), ("mAP@[.50:.95]", MAP),
             ("AR@100", "DetectionBoxes_Recall/AR@100"))
-CLASS_METRICS = (("AP", "mAP"), ("AP@.50", "mAP@.50IOU"), ("AP@.75", "mAP@.75IOU"))
-SHORT_NAMES = {"mAP": MAP, "mAP@.50IOU": MAP50, "mAP@.75IOU": MAP75}
 
 
 def _read_json(path: Path, notes: list[str]) -> Any | None:
@@ -94,7 +90,7 @@ def _previous_metrics(previous: dict[str, Any] | None) -> dict[str, Any] | None:
     if not previous:
         return None
     raw = previous.get("metrics") if isinstance(previous.get("metrics"), dict) else previous
-    out = {SHORT_NAMES.get(k, k): v for k, v in raw.items() if is_num(v)}
+    out = {SHORT_METRICS.get(k, k): v for k, v in raw.items() if is_num(v)}
     for name, values in (previous.get("per_class") or {}).items():
         out.update({f"{PER_CLASS_PREFIX}{k}/{name}": v for k, v in (values or {}).items() if is_num(v)})
     return out
@@ -138,7 +134,7 @@ def _headline(metrics: dict, prev: dict | None, prev_label: str, baseline: dict)
     classes = list(dict.fromkeys(parts[1] for parts in map(split_per_class_key, metrics) if parts))  # label map order
     class_rows = []
     for name in classes:
-        for i, (short, key) in enumerate(CLASS_METRICS):
+        for i, (short, key) in enumerate(CLASS_METRICS.items()):
             full = f"{PER_CLASS_PREFIX}{key}/{name}"
             v = metrics.get(full)
             class_rows.append([name if i == 0 else "", short, v] + ([prev.get(full), delta(v, prev.get(full), 3)]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tasks.evaluate import is_num
 from tasks.logs import log
 
 MAP = "DetectionBoxes_Precision/mAP"
@@ -24,10 +25,6 @@ LOSS_TAGS = ("Loss/classification_loss", "Loss/localization_loss", "Loss/regular
 CLASS_COLOURS = {"person": (230, 57, 70), "car": (29, 114, 243)}
 OTHER_COLOURS = [(42, 157, 143), (244, 162, 97), (131, 56, 236), (255, 190, 11), (58, 134, 255)]
 PNG_METADATA = {"Software": None}
-
-
-def is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _mpl_text(s: Any) -> str:

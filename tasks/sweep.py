@@ -24,6 +24,7 @@ from typing import Any
 
 from tasks.config import RunConfig
 from tasks.errors import PersoncarError
+from tasks.evaluate import as_num
 
 CANDIDATES_DIR = "candidates"
 MANIFEST = "candidates.json"
@@ -100,21 +101,17 @@ def manifest(candidates: list[dict[str, Any]], base: dict[str, Any]) -> dict[str
 # --------------------------------------------------------------------------- the recommendation
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def score(c: dict[str, Any]) -> float | None:
     """A finished candidate's mAP@.50IOU (COCO's -1, no ground truth, counts as none)."""
-    v = _num((c.get("metrics") or {}).get(RULE_METRIC))
+    v = as_num((c.get("metrics") or {}).get(RULE_METRIC))
     return v if c.get("status") == "finished" and v is not None and v >= 0 else None
 
 
 def cost(c: dict[str, Any]) -> tuple[float, float]:
     """What "cheaper" means: inference latency per image (measured in one pass on one machine), then
     parameters; a candidate without a number is never the cheaper one."""
-    latency = _num((c.get("latency") or {}).get("median_ms"))
-    params = _num(c.get("parameters"))
+    latency = as_num((c.get("latency") or {}).get("median_ms"))
+    params = as_num(c.get("parameters"))
     return (math.inf if latency is None else latency, math.inf if params is None else params)
 
 

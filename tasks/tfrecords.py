@@ -234,11 +234,7 @@ def build_tfrecords(annotations: str | Path, images: str | Path, out: str | Path
         raise PersoncarError(f"--val-fraction must be within [0, 1], got {val_fraction}")
     if not images_dir.is_dir():
         raise PersoncarError(f"{images_dir}: images folder not found")
-    out_abs = out.resolve()
-    for given in (annotations, images_dir):
-        if given.resolve() == out_abs or out_abs in given.resolve().parents:
-            raise PersoncarError(f"--out {out} would replace the input {given}: choose a separate folder")
-    check_output_dir(out, OUTPUTS)
+    check_output_dir(out, OUTPUTS, inputs=(annotations, images_dir))
     # the validation rules themselves, on this very file and these images
     coco = require_valid(annotations, images_dir, label_map=CLASSES,
                          hint="; run `personcar validate` and build from its annotations.clean.json")

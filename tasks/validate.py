@@ -72,7 +72,7 @@ def validate_annotations(
     require_label_map(label_map)
     if images_dir is not None and not images_dir.is_dir():
         raise PersoncarError(f"{images_dir}: images folder not found")
-    _check_out(out_dir, [ann_path] + ([images_dir] if images_dir is not None else []))
+    check_output_dir(out_dir, OUTPUTS, inputs=tuple(p for p in (ann_path, images_dir) if p is not None))
 
     base: dict[str, Any] = {"annotations_file": str(ann_path),
                             "images_dir": str(images_dir) if images_dir is not None else None}
@@ -159,11 +159,3 @@ def failure_line(ann_path: Path, out_dir: Path, failures: list[dict[str, Any]]) 
     return " ".join(text.split())  # one line whatever the messages hold
 
 
-def _check_out(out_dir: Path, inputs: list[Path]) -> None:
-    """OUT is replaced as a whole: it must not be, or contain, an input, and must be validation's own."""
-    out_abs = out_dir.resolve()
-    for p in inputs:
-        p_abs = p.resolve()
-        if p_abs == out_abs or out_abs in p_abs.parents:
-            raise PersoncarError(f"--out {out_dir} would replace the input {p}: choose a separate folder")
-    check_output_dir(out_dir, OUTPUTS)
