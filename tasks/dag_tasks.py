@@ -297,16 +297,18 @@ POD_ARGUMENTS = {
 }
 
 
-def kubernetes_stage(task_id: str) -> Any:
-    """The stage as a KubernetesPodOperator running ``personcar ...`` in the trainer image; it writes
-    ``<run>/<stage>``, where the tasks after it look (pods return no location)."""
+def kubernetes_stage(task_id: str, arguments: list[str] | None = None, **operator_kwargs: Any) -> Any:
+    """The stage as a KubernetesPodOperator running ``personcar ARGUMENTS`` (default: this DAG's) in
+    the trainer image; it writes ``<run>/<stage>``, where the tasks after it look (pods return no
+    location). Training gets every GPU of the pod settings, TFRecords none, any other stage one."""
     from datetime import timedelta
 
     from tasks.k8s import TrainerPodSettings, make_trainer_task
 
     pod = TrainerPodSettings.load()
-    gpus = {"build_tfrecords": 0, "train": pod.gpus, "evaluate": min(pod.gpus, 1)}[task_id]
+    gpus = 0 if task_id == "build_tfrecords" else pod.gpus if task_id == "train" else min(pod.gpus, 1)
     extra: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(minutes=5)}
     if task_id == "train":
         extra["execution_timeout"] = timedelta(hours=24)
-    return make_trainer_task(task_id, POD_ARGUMENTS[task_id], pod, gpus=gpus, **extra)
+    return make_trainer_task(task_id, arguments or POD_ARGUMENTS[task_id], pod, gpus=gpus,
+                             **(extra | operator_kwargs))

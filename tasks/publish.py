@@ -43,7 +43,7 @@ from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, copy_fil
 from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, SHORT_METRICS, as_num, load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
-from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, update_index
+from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, put_entry, update_index
 
 LATEST_DIR = "latest"
 POINTER_NAME = "pointer.json"
@@ -134,10 +134,16 @@ def _mirror_run_folder(files: list[tuple[str, Path]], dest: str, run: str, where
     run_uri = storage.join_uri(dest, run)
     republished = _check_owned_folders(dest, run, where)
     log.info("publishing %d files to %s/", len(files), run_uri)
-    if storage.is_remote(dest):
-        storage.upload_files(files, run_uri, delete=True, **where)
+    mirror_files(files, run_uri, owned=republished, where=where)
+
+
+def mirror_files(files: list[tuple[str, Path]], uri: str, *, owned: bool, where: dict[str, Any]) -> None:
+    """Make ``uri`` hold exactly ``files``: on S3 a mirror, locally a folder replaced in one rename
+    (``owned``: publish wrote it before)."""
+    if storage.is_remote(uri):
+        storage.upload_files(files, uri, delete=True, **where)
         return
-    with atomic_dir(storage.local_path(run_uri), StageOutputs("publish"), owned=republished, flag="--dest") as tmp:
+    with atomic_dir(storage.local_path(uri), StageOutputs("publish"), owned=owned, flag="--dest") as tmp:
         for rel, path in files:
             copy_file_atomic(path, tmp / rel)
 
@@ -161,12 +167,7 @@ def _index_run(dest: str, run: str, metrics: dict[str, Any], gate: dict[str, Any
             **extra,
         }
         decided.update(entry=entry, previous=previous)
-        positions = [i for i, e in enumerate(entries) if e.get("run_id") == run]
-        if not positions:
-            return [*entries, entry]
-        new = [e for i, e in enumerate(entries) if i not in positions[1:]]
-        new[positions[0]] = entry
-        return new
+        return put_entry(entries, entry, "run_id")
 
     update_index(dest, change, **where)
     entry = decided["entry"]

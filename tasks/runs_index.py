@@ -66,6 +66,15 @@ def update_index(dest: str, change: Callable[[list[dict]], list[dict]], *, conn_
     return _update_index_local(storage.local_path(dest), change, name)
 
 
+def put_entry(entries: list[dict], entry: dict, key: str) -> list[dict]:
+    """``entries`` with ``entry`` in the place of the first one of the same ``entry[key]`` (later
+    ones of it dropped), or appended: publishing again replaces in place."""
+    same = [i for i, e in enumerate(entries) if e.get(key) == entry[key]]
+    if not same:
+        return [*entries, entry]
+    return [entry if i == same[0] else e for i, e in enumerate(entries) if i not in same[1:]]
+
+
 def _parse_index(raw: bytes | None, uri: str) -> list[dict]:
     if raw is None:
         return []

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import StageOutputs, atomic_dir, copy_file_atomic, not_owned, safe_run_id
+from tasks.artifacts import not_owned, safe_run_id
 from tasks.errors import PersoncarError
 from tasks.logs import log
-from tasks.publish import SWEEPS_DIR, SWEEPS_INDEX_NAME, load_index, normalize_dest, update_index
+from tasks.publish import SWEEPS_DIR, SWEEPS_INDEX_NAME, load_index, mirror_files, normalize_dest, update_index
+from tasks.runs_index import put_entry
 
 
 def load_sweeps(dest: str, **where: Any) -> list[dict]:
@@ -60,24 +61,11 @@ def publish_sweep(src: str | Path, dest: str, *, sweep_id: str, winner: dict[str
     uri = storage.join_uri(dest, SWEEPS_DIR, key)
     files = storage.list_files(src)
     listed = any(e.get("sweep_id") == key for e in load_sweeps(dest, **where))
-    if storage.is_remote(dest):
-        present = storage.list_names(uri, **where)
-        if present and not listed:
-            raise not_owned(uri, "publish", present[0], flag="--dest")
-        storage.upload_files(files, uri, delete=True, **where)
-    else:
-        with atomic_dir(storage.local_path(uri), StageOutputs("publish"), owned=listed, flag="--dest") as tmp:
-            for rel, path in files:
-                copy_file_atomic(path, tmp / rel)
+    if storage.is_remote(dest) and not listed and (present := storage.list_names(uri, **where)):
+        raise not_owned(uri, "publish", present[0], flag="--dest")
+    mirror_files(files, uri, owned=listed, where=where)
     entry = _entry(key, doc, winner)
-
-    def change(entries: list[dict]) -> list[dict]:
-        pos = next((i for i, e in enumerate(entries) if e.get("sweep_id") == key), None)
-        if pos is None:
-            return [*entries, entry]
-        return [entry if i == pos else e for i, e in enumerate(entries) if i == pos or e.get("sweep_id") != key]
-
-    update_index(dest, change, name=SWEEPS_INDEX_NAME, **where)
+    update_index(dest, lambda entries: put_entry(entries, entry, "sweep_id"), name=SWEEPS_INDEX_NAME, **where)
     report_url = storage.join_uri(uri, "report.html")
     log.info("sweep %s published: %s (recommended: %s)", key, report_url, entry["recommended"] or "none")
     return {"sweep_id": key, "uri": f"{uri}/", "report_url": report_url, "entry": entry}

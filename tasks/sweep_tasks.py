@@ -163,15 +163,6 @@ POD_ARGUMENTS = {
 def kubernetes_stage(task_id: str, **operator_kwargs: Any) -> Any:
     """A candidate's train or evaluate, or the compare, as a trainer pod (``personcar ...``); the
     candidate stages carry the failure callbacks. Compare times the models on one GPU."""
-    from datetime import timedelta
-
-    from tasks.k8s import TrainerPodSettings, make_trainer_task
-
-    pod = TrainerPodSettings.load()
-    gpus = {"train": pod.gpus, "evaluate": min(pod.gpus, 1), "compare": min(pod.gpus, 1)}[task_id]
-    extra: dict[str, Any] = {"retries": 2, "retry_delay": timedelta(minutes=5)}
-    if task_id == "train":
-        extra["execution_timeout"] = timedelta(hours=24)
-    if task_id != "compare":
-        extra |= {"on_execute_callback": clear_failure, "on_failure_callback": record_failure}
-    return make_trainer_task(task_id, POD_ARGUMENTS[task_id], pod, gpus=gpus, **(extra | operator_kwargs))
+    callbacks = {} if task_id == "compare" else {"on_execute_callback": clear_failure,
+                                                  "on_failure_callback": record_failure}
+    return dag_tasks.kubernetes_stage(task_id, POD_ARGUMENTS[task_id], **(callbacks | operator_kwargs))
