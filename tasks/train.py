@@ -19,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tasks import devices
-from tasks.artifacts import write_json_atomic
+from tasks.artifacts import write_bytes_atomic, write_json_atomic
 from tasks.config import CLASSES, RunConfig, load_model_config
 from tasks.devices import Compute
 from tasks.errors import PersoncarError
@@ -167,7 +169,7 @@ def train(data: str | Path, model_dir: str | Path, run: RunConfig, *, log_every:
     with devices.configured(tf, compute):
         exp = build_experiment(run, data, compute=compute)
         model_dir.mkdir(parents=True, exist_ok=True)
-        _write_experiment_yaml(exp, model_dir)
+        write_bytes_atomic(model_dir / "experiment.yaml", yaml.safe_dump(exp.as_dict(), sort_keys=True).encode())
         tf.keras.utils.set_random_seed(r["seed"])
         log.info("train: %s, %d steps (%s epochs of %s images) at global batch %d (%d per replica x %d), LR %.5f; "
                  "%s, %s%s", run.model, r["steps"], r["epochs"], r["train_images"], r["global_batch_size"],
@@ -338,14 +340,6 @@ def _finished_summary(model_dir: Path, total: int, checkpoint: str | None, expor
     if export and not (model_dir / EXPORT_SUBDIR / "saved_model.pb").is_file():
         return None
     return summary
-
-
-def _write_experiment_yaml(exp: Any, model_dir: Path) -> None:
-    import yaml
-
-    tmp = model_dir / ".experiment.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(exp.as_dict(), sort_keys=True))
-    tmp.replace(model_dir / "experiment.yaml")
 
 
 def export_saved_model(exp: Any, model_dir: Path, checkpoint: str) -> Path:
