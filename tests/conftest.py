@@ -204,12 +204,3 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     """pytest-playwright's ``browser``/``page`` fixtures launch Debian's Chromium (skip or CI failure without it)."""
     return {**browser_type_launch_args, "executable_path": chromium_path(), "args": CHROMIUM_ARGS}
-
-
-#: modules that set the suite's pace, handed to a worker first (``--dist=loadfile`` deals whole
-#: modules in collection order): the learning check trains for about 13 minutes on one core
-FIRST = ("tests/model/test_learning.py",)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in FIRST)  # stable: the rest keep their order
