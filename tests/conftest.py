@@ -204,3 +204,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     """pytest-playwright's ``browser``/``page`` fixtures launch Debian's Chromium (skip or CI failure without it)."""
     return {**browser_type_launch_args, "executable_path": chromium_path(), "args": CHROMIUM_ARGS}
+
+
+#: modules that set the suite's pace, dealt to a worker first: the learning check trains for about
+#: 13 minutes on one core. ``--dist=loadfile`` deals whole modules in collection order here
+#: (``--no-loadscope-reorder`` in pyproject.toml; by default xdist deals the modules with most tests first)
+FIRST = ("tests/model/test_learning.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in FIRST)  # stable: the rest keep their order
