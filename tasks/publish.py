@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
-from tasks.artifacts import StageOutputs, atomic_dir, check_output_dir, copy_file_atomic, not_owned, safe_run_id, sha256_file
+from tasks.artifacts import (StageOutputs, atomic_dir, check_output_dir, copy_file_atomic, not_owned, safe_run_id,
+                             sha256_file)
 from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, SHORT_METRICS, as_num, load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
@@ -56,8 +57,6 @@ SWEEPS_INDEX_NAME = "sweeps.json"
 SWEEPS_DIR = "sweeps"
 
 _RESERVED = {INDEX_NAME, LATEST_DIR, LOCK_NAME, LATEST_LOCK_NAME, SWEEPS_INDEX_NAME, SWEEPS_DIR}
-
-
 
 
 def publish(
@@ -233,8 +232,6 @@ def last_promoted(entries: list[dict]) -> dict | None:
     return None
 
 
-
-
 def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path]], where: dict[str, Any]) -> str:
     latest_uri = storage.join_uri(dest, LATEST_DIR)
     # A later run promoted meanwhile owns latest/: leave it alone.
@@ -298,8 +295,6 @@ def _superseded(dest: str, run: str, where: dict[str, Any]) -> bool:
     return current is not None and current.get("run_id") != run
 
 
-
-
 def _check_gate(gate: dict | None) -> dict[str, Any]:
     merged = {**DEFAULT_GATE, **(gate or {})}
     metric, margin = merged.get("metric"), merged.get("margin")
@@ -361,8 +356,8 @@ def _class_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         name, cls = split_per_class_key(key) or ("", "")
-        if name in SHORT_METRICS and as_num(value) is not None:
-            out.setdefault(cls, {})[name] = as_num(value)
+        if name in SHORT_METRICS and (number := as_num(value)) is not None:
+            out.setdefault(cls, {})[name] = number
     return out
 
 

@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.evaluate import is_num
+from tasks.evaluate import SHORT_METRICS, is_num
 from tasks.logs import log
 
-MAP = "DetectionBoxes_Precision/mAP"
-MAP50 = "DetectionBoxes_Precision/mAP@.50IOU"
-MAP75 = "DetectionBoxes_Precision/mAP@.75IOU"
+MAP, MAP50, MAP75 = SHORT_METRICS["mAP"], SHORT_METRICS["mAP@.50IOU"], SHORT_METRICS["mAP@.75IOU"]
 SAMPLE_SCORE_THRESHOLD = 0.3
 MAX_SAMPLES = 8
 LOSS_TAGS = ("Loss/classification_loss", "Loss/localization_loss", "Loss/regularization_loss",

@@ -44,7 +44,6 @@ class StorageError(PersoncarError):
         self.code, self.bucket = code, bucket
 
 
-
 def is_remote(uri: str | os.PathLike[str]) -> bool:
     """True for ``s3://`` locations; ``file://`` URIs and plain paths are local."""
     return str(uri).lower().startswith("s3://")
@@ -90,7 +89,6 @@ def safe_rel(rel: str, where: str) -> str:
 def list_files(local: Path) -> list[tuple[str, Path]]:
     """``(relative posix path, file)`` for every regular file under ``local``, sorted."""
     return [(p.relative_to(local).as_posix(), p) for p in sorted(local.rglob("*")) if p.is_file()]
-
 
 
 def aws_hook(conn_id: str | None) -> Any:
@@ -202,7 +200,6 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         code, reason = _reason(exc, uri)
         raise StorageError(f"{action} {uri} failed: {reason}", code=code,
                            bucket=split_s3(uri)[0] if is_remote(uri) else None) from exc
-
 
 
 def s3_etag(path: Path, chunk: int | None = None) -> str:

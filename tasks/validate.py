@@ -157,5 +157,3 @@ def failure_line(ann_path: Path, out_dir: Path, failures: list[dict[str, Any]]) 
 
     text = f"{ann_path}: dataset failed validation: {failure_summary(failures)}; see {out_dir / REPORT_NAME}"
     return " ".join(text.split())  # one line whatever the messages hold
-
-
