@@ -7,6 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Airflow is imported now, before any test: its first import reconfigures logging with dictConfig, which
+# closes every handler then alive. TensorFlow's absl handler writes to the stream that was sys.stderr when it
+# was imported, pytest's capture file; a first Airflow import later, under capfd, closed that file and every
+# later test on the worker failed with "I/O operation on closed file".
+import airflow  # noqa: F401
 import hypothesis  # noqa: F401  (imported now: a first import at the session's end trips CPython 3.11's AST check)
 import pytest
 
