@@ -1,7 +1,8 @@
 """The validation policy: every named check, what a failure of it means, and the thresholds.
 
-A check is one rule a user can look up by name in ``validation.json`` and in the Data Docs. Its
-policy says what happens to the records that break it:
+A check is one rule a user can look up by name in ``validation.json`` and in the Data Docs; the
+catalogue of checks is data (``checks.yaml``). Its policy says what happens to the records that
+break it:
 
 ``fatal``       the dataset fails; the offending ids are reported.
 ``quarantine``  the boxes (for an image check: the image and all its boxes) are removed from the
@@ -15,8 +16,10 @@ policy says what happens to the records that break it:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from importlib import resources
+from typing import Any, Literal, get_args
 
+import yaml
 from PIL import Image
 
 from tasks.errors import PersoncarError
@@ -31,71 +34,16 @@ class Check:
     description: str
 
 
-_CHECKS = [
-    # -- structure and types (fatal) ----------------------------------------------------------
-    Check("json_syntax", "fatal", "The annotation file is valid JSON."),
-    Check("structure", "fatal",
-          "The top level is an object with lists 'images', 'annotations', 'categories' of objects "
-          "('licenses', when present, is a list)."),
-    Check("table_empty", "fatal", "There is at least one image, one annotation and one category."),
-    Check("image_field_type", "fatal",
-          "Each image has an integer 'id', a string 'file_name' and integer 'width'/'height'."),
-    Check("annotation_field_type", "fatal",
-          "Each annotation has integer 'id', 'image_id', 'category_id', a 'bbox' of 4 finite "
-          "numbers [x, y, w, h], 'iscrowd' 0/1 when present and 'segmentation' a list/object when present."),
-    Check("category_field_type", "fatal", "Each category has an integer 'id' and a non-empty string 'name'."),
-    # -- referential integrity (fatal) --------------------------------------------------------
-    Check("duplicate_image_id", "fatal", "Image ids are unique."),
-    Check("duplicate_file_name", "fatal", "Image file names are unique."),
-    Check("unsafe_file_name", "fatal", "File names are plain names: no folder separators, no '..'."),
-    Check("image_size_invalid", "fatal", "Recorded image width and height are between 1 and 100000 px."),
-    Check("duplicate_annotation_id", "fatal", "Annotation ids are unique."),
-    Check("duplicate_category_id", "fatal", "Category ids are unique."),
-    Check("duplicate_category_name", "fatal", "Category names are unique."),
-    Check("annotation_image_missing", "fatal", "Every annotation's image_id names an image of the file."),
-    Check("annotation_category_unknown", "fatal", "Every annotation's category_id is in the category list."),
-    Check("category_absent", "fatal", "Every category has at least one box in the dataset."),
-    Check("label_map_mismatch", "fatal",
-          "The categories are the model's label map: the same ids 1..N with the same names (id 0 is "
-          "the model's background class)."),
-    # -- image files (fatal, only with an images folder) ---------------------------------------
-    Check("image_file_missing", "fatal", "Every image of the file exists in the images folder."),
-    Check("image_too_large", "fatal",
-          "Every image file has at most max_image_pixels pixels, read from its header: larger ones "
-          "(decompression bombs) are refused before anything is decoded."),
-    Check("image_undecodable", "fatal", "Every image file decodes completely."),
-    Check("image_size_mismatch", "fatal", "Recorded width/height equal the image file's size."),
-    Check("image_exif_rotated", "quarantine",
-          "No image file carries an EXIF Orientation that rotates or mirrors it (2-8): viewers show "
-          "such a photo turned, so its boxes were drawn on a view that is not the stored pixels; the "
-          "image and its boxes are left out of the cleaned annotations."),
-    # -- repairable boxes ----------------------------------------------------------------------
-    Check("box_non_positive_size", "quarantine", "Box width and height are > 0."),
-    Check("box_past_image_edge", "repair",
-          "Boxes lie inside their image; a box past the edge is clipped when the part inside keeps "
-          "at least min_clip_keep_fraction of its area."),
-    Check("box_mostly_outside_image", "quarantine",
-          "A box past the edge keeps at least min_clip_keep_fraction of its area inside the image."),
-    Check("box_too_small", "quarantine", "After clipping, both box sides are >= min_box_side px."),
-    Check("duplicate_box", "quarantine",
-          "No two boxes share image, category and bbox; the first (lowest id) is kept."),
-    Check("quarantine_threshold", "fatal", "Quarantined boxes are at most max_quarantine_fraction of all boxes."),
-    # -- warnings --------------------------------------------------------------------------------
-    Check("same_box_different_categories", "warn", "No box position carries two different categories."),
-    Check("boxes_per_image", "warn", "Each image has between 1 and max_boxes_per_image boxes."),
-    Check("boxes_per_image_median", "warn", "The median number of boxes per image is in range."),
-    Check("box_size_quantiles", "warn",
-          "Quantiles of the relative box size sqrt(w*h / (W*H)) are in their ranges."),
-    Check("class_balance", "warn", "Every category holds at least min_class_fraction of the boxes."),
-    Check("aspect_ratio", "warn", "Box aspect ratios w/h lie in aspect_ratio_range (for 'mostly' of the boxes)."),
-    Check("aspect_ratio_quantiles", "warn", "Quantiles of the box aspect ratio w/h are in their ranges."),
-    Check("image_format", "warn", "Image files are JPEG or PNG."),
-    Check("image_file_unreferenced", "warn", "Every file in the images folder is listed in the JSON."),
-    Check("area_not_pixels", "info",
-          "Stored 'area' equals w*h in pixels for a typical box (it is recomputed either way)."),
-]
+def _load_checks() -> dict[str, Check]:
+    """The catalogue of checks, kept as data in ``checks.yaml`` beside this module, in report order."""
+    raw = yaml.safe_load(resources.files(__package__).joinpath("checks.yaml").read_text(encoding="utf-8"))
+    checks = {name: Check(name, **entry) for name, entry in raw.items()}
+    if unknown := sorted(c.name for c in checks.values() if c.policy not in get_args(Policy)):
+        raise ValueError(f"checks.yaml: unknown policy for {unknown}")
+    return checks
 
-CHECKS: dict[str, Check] = {c.name: c for c in _CHECKS}
+
+CHECKS: dict[str, Check] = _load_checks()
 
 
 def _pillow_max_pixels() -> int:
