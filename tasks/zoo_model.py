@@ -142,7 +142,23 @@ class _OdApiLayers:
         return getattr(tf_keras.layers, item)
 
 
-class ResNetV1Backbone(tf_keras.Model):
+class _LevelsModel(tf_keras.Model):
+    """A functional model whose outputs are a dict of levels, with Model Garden's ``output_specs``."""
+
+    def __init__(self, config: dict[str, Any], inputs: Any, outputs: dict[str, tf.Tensor], **kwargs: Any) -> None:
+        self._config = config
+        self._output_specs = {level: outputs[level].get_shape() for level in sorted(outputs, key=int)}
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @property
+    def output_specs(self) -> dict[str, tf.TensorShape]:
+        return self._output_specs
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+
+class ResNetV1Backbone(_LevelsModel):
     """Levels 2..5 of ResNet V1 (``conv{2..5}_block*_out``) as a dict, like Model Garden's backbones."""
 
     def __init__(self, model_id: int, input_specs: tf_keras.layers.InputSpec, *, activation: str = "relu6",
@@ -151,7 +167,7 @@ class ResNetV1Backbone(tf_keras.Model):
                  **kwargs: Any) -> None:
         if model_id not in STAGE_BLOCKS:
             raise ValueError(f"resnet_v1 depth {model_id} is not one of {sorted(STAGE_BLOCKS)}")
-        self._config = {"model_id": model_id, "input_specs": input_specs, "activation": activation,
+        config = {"model_id": model_id, "input_specs": input_specs, "activation": activation,
                         "norm_momentum": norm_momentum, "norm_epsilon": norm_epsilon,
                         "depth_multiplier": depth_multiplier, "min_depth": min_depth,
                         "kernel_regularizer": kernel_regularizer, "use_sync_bn": use_sync_bn}
@@ -171,15 +187,7 @@ class ResNetV1Backbone(tf_keras.Model):
                                    include_top=False, weights=None, input_tensor=inputs, layers=overrides)
         endpoints = {str(level): full.get_layer(f"conv{level}_block{blocks[level - 2]}_out").output
                      for level in range(2, 6)}
-        self._output_specs = {level: t.get_shape() for level, t in endpoints.items()}
-        super().__init__(inputs=inputs, outputs=endpoints, **kwargs)
-
-    @property
-    def output_specs(self) -> dict[str, tf.TensorShape]:
-        return self._output_specs
-
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
+        super().__init__(config, inputs, endpoints, **kwargs)
 
 
 @backbone_factory.register_backbone_builder("resnet_v1")
@@ -196,14 +204,14 @@ def build_resnet_v1(input_specs: Any, backbone_config: Any, norm_activation_conf
 # --------------------------------------------------------------------------- decoder
 
 
-class SsdFpnDecoder(tf_keras.Model):
+class SsdFpnDecoder(_LevelsModel):
     """The OD API's FPN for SSD: ``{'3': P3, ..., '7': P7}`` from backbone levels ``min_level..5``."""
 
     def __init__(self, input_specs: dict[str, tf.TensorShape], *, min_level: int = 3, max_level: int = 7,
                  num_filters: int = 256, activation: str = "relu6", norm_momentum: float = 0.997,
                  norm_epsilon: float = 0.001, kernel_regularizer: Any = None, use_sync_bn: bool = False,
                  **kwargs: Any) -> None:
-        self._config = {"input_specs": input_specs, "min_level": min_level, "max_level": max_level,
+        config = {"input_specs": input_specs, "min_level": min_level, "max_level": max_level,
                         "num_filters": num_filters, "activation": activation, "norm_momentum": norm_momentum,
                         "norm_epsilon": norm_epsilon, "kernel_regularizer": kernel_regularizer,
                         "use_sync_bn": use_sync_bn}
@@ -224,15 +232,7 @@ class SsdFpnDecoder(tf_keras.Model):
             feats[str(level)] = smoothed(tf_keras.layers.Add()([up, lateral]), f"smoothing_{level}")
         for level in range(top + 1, max_level + 1):
             feats[str(level)] = smoothed(feats[str(level - 1)], f"coarse_{level}", strides=2)
-        self._output_specs = {level: feats[level].get_shape() for level in sorted(feats, key=int)}
-        super().__init__(inputs=inputs, outputs=feats, **kwargs)
-
-    @property
-    def output_specs(self) -> dict[str, tf.TensorShape]:
-        return self._output_specs
-
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
+        super().__init__(config, inputs, feats, **kwargs)
 
 
 @decoder_factory.register_decoder_builder("ssd_fpn")
