@@ -154,34 +154,42 @@ def plot_losses(scalars: dict[str, dict[str, list[tuple[int, float]]]], path: Pa
     return True
 
 
+def _pr_points(c: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """A curve's recall and precision up to the recall it reached; None where there is nothing to draw."""
+    if not c.get("has_ground_truth") or not c.get("precision"):
+        return None
+    pts = [(r, p) for r, p in zip(c["recall"], c["precision"], strict=False)
+           if r <= c.get("max_recall", 1.0) + 1e-9] or [(0.0, 0.0)]
+    return [r for r, _ in pts], [p for _, p in pts]
+
+
+def _pr_panel(ax: Any, title: str, legend_loc: str) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc=legend_loc)
+    ax.set(xlim=(0, 1.0), ylim=(0, 1.02))
+    ax.set_xlabel("recall", fontsize=9)
+    ax.set_ylabel("precision", fontsize=9)
+    ax.set_title(_mpl_text(title), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+
+
 def plot_pr_curves(curves: dict[str, Any], path: Path) -> bool:
     classes = curves.get("classes") or {}
     if not classes:
         return False
     fig, axes = _grid(len(classes), 4.4, 3.6)
     for ax, (name, entry) in zip(axes, classes.items(), strict=True):
-        drew = False
         for key, colour, style in (("iou_0.50", "#1d72f3", "-"), ("iou_0.75", "#e63946", "--")):
             c = entry.get(key) or {}
-            if not c.get("has_ground_truth") or not c.get("precision"):
+            if (xy := _pr_points(c)) is None:
                 continue
-            max_r = c.get("max_recall", 1.0)
-            pts = [(r, p) for r, p in zip(c["recall"], c["precision"], strict=False) if r <= max_r + 1e-9]
-            pts = pts or [(0.0, 0.0)]
             ap = c.get("ap")
-            ax.plot([r for r, _ in pts], [p for _, p in pts], style, color=colour, linewidth=2,
+            ax.plot(*xy, style, color=colour, linewidth=2,
                     label=f"IoU {c.get('iou', key[-4:])}: AP {ap:.3f}" if is_num(ap) else f"IoU {key[-4:]}")
-            drew = True
-        if drew:
-            ax.legend(fontsize=8, loc="best")  # clear of the curves
-        else:
+        if not ax.lines:
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-        ax.set(xlim=(0, 1.0), ylim=(0, 1.02))
-        ax.set_xlabel("recall", fontsize=9)
-        ax.set_ylabel("precision", fontsize=9)
-        ax.set_title(_mpl_text(name), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
+        _pr_panel(ax, name, "best")  # the legend clear of the curves
     fig.savefig(path, format="png", metadata=PNG_METADATA)
     return True
 
@@ -198,21 +206,12 @@ def plot_sweep_pr(curves: dict[str, dict[str, Any]], path: Path, key: str = "iou
     for ax, cls in zip(axes, classes, strict=True):
         for i, (name, doc) in enumerate(curves.items()):
             c = ((doc.get("classes") or {}).get(cls) or {}).get(key) or {}
-            if not c.get("has_ground_truth") or not c.get("precision"):
+            if (xy := _pr_points(c)) is None:
                 continue
-            pts = [(r, p) for r, p in zip(c["recall"], c["precision"], strict=False)
-                   if r <= c.get("max_recall", 1.0) + 1e-9] or [(0.0, 0.0)]
             ap = c.get("ap")
-            ax.plot([r for r, _ in pts], [p for _, p in pts], color=SWEEP_COLOURS[i % len(SWEEP_COLOURS)],
+            ax.plot(*xy, color=SWEEP_COLOURS[i % len(SWEEP_COLOURS)],
                     linewidth=2, label=_mpl_text(f"{name}: AP {ap:.3f}" if is_num(ap) else name))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
-        ax.set(xlim=(0, 1.0), ylim=(0, 1.02))
-        ax.set_xlabel("recall", fontsize=9)
-        ax.set_ylabel("precision", fontsize=9)
-        ax.set_title(_mpl_text(f"{cls} (IoU {key[-4:]})"), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
+        _pr_panel(ax, f"{cls} (IoU {key[-4:]})", "upper right")
     fig.savefig(path, format="png", metadata=PNG_METADATA)
     return True
 
