@@ -11,8 +11,9 @@
   mAP@.50IOU and mAP@.75IOU over time, the promoted flag and a link to each report, listed under
   Browse in the Airflow navigation.
 
-Importing this file is cheap (no FastAPI, boto3, TensorFlow or Great Expectations): every Airflow
-process loads plugins, and the view's app is only built when its first request arrives.
+Importing this file is cheap (no FastAPI, boto3, TensorFlow or Great Expectations; ``personcar_views``
+imports only the standard library until its app is built): every Airflow process loads plugins, and
+the view's app is only built when its first request arrives.
 """
 
 from __future__ import annotations
@@ -24,15 +25,13 @@ from urllib.parse import quote, urlparse
 
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
+from personcar_views import DAG_ID, PUBLISH_TASK, XCOM_KEY, decode_xcom, report_path
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
 
-DAG_ID = "personcar_detection"
-REPORT_TASKS = ("publish_report", "evaluate")
-PUBLISH_TASK = "publish_report"
-XCOM_KEY = "report_url"
+REPORT_TASKS = (PUBLISH_TASK, "evaluate")
 URL_PREFIX = "/personcar"
 
 
@@ -48,7 +47,6 @@ def _xcom(dag_id: str, run_id: str, task_id: str, map_index: int, key: str) -> A
         return XCom.get_one(key=key, dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index)
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
-    from personcar_views import decode_xcom
 
     with create_session() as session:
         row = session.execute(
@@ -76,8 +74,6 @@ def report_href(location: str) -> str:
     if location.startswith(("http://", "https://")):
         return location
     try:
-        from personcar_views import report_path
-
         path = report_path(location)
     except Exception:  # an unresolvable location only means no link
         path = None

@@ -14,8 +14,9 @@ the runs from, so a run whose ``publish_dest`` pointed elsewhere (``make demo``'
 is listed with no setting to keep in step. S3 is read with the tasks' Airflow AWS connection
 (``PERSONCAR_AWS_CONN_ID``, the Variable ``personcar_aws_conn_id``, else ``aws_default``).
 
-Imported only when the first request reaches the app: the processes that merely load plugins
-(scheduler, DAG processor, workers) never import FastAPI or boto3 through it.
+Its top level imports only the standard library, so the plugin shares its names and helpers at no
+cost: FastAPI, boto3 and ``tasks`` are imported when the first request builds the app, and the
+processes that merely load plugins (scheduler, DAG processor, workers) never import them.
 """
 
 import contextlib
