@@ -19,19 +19,14 @@ FULL = ROOT.parent / "shared" / "data" / "personcar" / "bbox-annotations.full.js
 
 ZOO_RATIOS = (1.0, 2.0, 0.5)
 OURS_RATIOS = (1.0, 2.0, 0.5, 0.3333)
+NOTES = {(640, 4.0, 2, ZOO_RATIOS): "the zoo's", (640, 3.0, 2, OURS_RATIOS): "**default**",
+         (512, 3.0, 2, OURS_RATIOS): "the learning check's size"}
 CANDIDATES = [  # (input size, anchor scale, scales per octave, aspect ratios, note)
-    (640, 4.0, 2, ZOO_RATIOS, "the zoo's"),
-    (640, 4.0, 3, ZOO_RATIOS, ""),
-    (640, 3.0, 2, ZOO_RATIOS, ""),
-    (640, 2.0, 3, ZOO_RATIOS, ""),
-    (640, 4.0, 2, OURS_RATIOS, ""),
-    (640, 3.0, 2, OURS_RATIOS, "**default**"),
-    (640, 3.0, 3, OURS_RATIOS, ""),
-    (768, 4.0, 2, ZOO_RATIOS, ""),
-    (768, 3.0, 2, OURS_RATIOS, ""),
-    (1024, 4.0, 2, ZOO_RATIOS, ""),
-    (1024, 3.0, 2, OURS_RATIOS, ""),
-    (512, 3.0, 2, OURS_RATIOS, "the learning check's size"),
+    (*c, NOTES.get(c, "")) for c in (
+        (640, 4.0, 2, ZOO_RATIOS), (640, 4.0, 3, ZOO_RATIOS), (640, 3.0, 2, ZOO_RATIOS), (640, 2.0, 3, ZOO_RATIOS),
+        (640, 4.0, 2, OURS_RATIOS), (640, 3.0, 2, OURS_RATIOS), (640, 3.0, 3, OURS_RATIOS),
+        (768, 4.0, 2, ZOO_RATIOS), (768, 3.0, 2, OURS_RATIOS), (1024, 4.0, 2, ZOO_RATIOS), (1024, 3.0, 2, OURS_RATIOS),
+        (512, 3.0, 2, OURS_RATIOS))
 ]
 
 

@@ -68,6 +68,22 @@ def s3_bucket(s3_server: str, s3_env: dict[str, str]) -> Iterator[tuple[str, str
     yield s3_server, name
 
 
+def coco_doc(n: int, size: tuple[int, int], bbox: list[float], **fields: Any) -> dict[str, Any]:
+    """A dataset file shaped like the production one: ``n`` images of ``size`` (w, h) with one ``bbox``
+    each, person and car in turn, ``area`` stored as a fraction of the image; ``fields`` go on top."""
+    w, h = size
+    return {
+        "images": [{"file_name": f"image_{i + 1:09d}.jpg", "width": w, "height": h, "id": i, "license": 1}
+                   for i in range(n)],
+        "annotations": [{"category_id": 1 + i % 2, "image_id": i, "segmentation": [], "iscrowd": 0, "bbox": bbox,
+                         "area": bbox[2] * bbox[3] / (w * h), "id": i, "license": 2} for i in range(n)],
+        "categories": [{"id": 1, "name": "person", "supercategory": "none"},
+                       {"id": 2, "name": "car", "supercategory": "none"}],
+        "licenses": [],
+        **fields,
+    }
+
+
 def pixel_area_copy(src: Path, dst: Path) -> Path:
     """The published JSON with areas in pixels and sorted annotations (what validation produces)."""
     import json

@@ -8,6 +8,7 @@ cache reuse, and file:// / plain path sources.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,8 +33,7 @@ from PIL import Image
 from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
-import contextlib
-from tests.conftest import free_port
+from tests.conftest import coco_doc, free_port
 
 N_IMAGES = 4
 FAST = {"progress_every": 3600}
@@ -49,16 +49,7 @@ def _jpeg(i: int) -> bytes:
 
 
 def build_archive(n: int = N_IMAGES, tag: str = "") -> bytes:
-    coco = {
-        "images": [{"file_name": f"image_{i + 1:09d}.jpg", "width": 128, "height": 96, "id": i, "license": 1}
-                   for i in range(n)],
-        "annotations": [{"category_id": 1 + i % 2, "image_id": i, "segmentation": [], "iscrowd": 0,
-                         "bbox": [4, 4, 20, 30], "area": 600 / (128 * 96), "id": i, "license": 2}
-                        for i in range(n)],
-        "categories": [{"id": 1, "name": "person", "supercategory": "none"},
-                       {"id": 2, "name": "car", "supercategory": "none"}],
-        "licenses": [], "tag": tag,
-    }
+    coco = coco_doc(n, (128, 96), [4, 4, 20, 30], tag=tag)
     files = [(f"trainval/images/image_{i + 1:09d}.jpg", _jpeg(i)) for i in range(n)]
     files.append(("trainval/annotations/bbox-annotations.json", json.dumps(coco).encode()))
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ from PIL import Image
 from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
 from tasks.errors import PersoncarError
-from tests.conftest import snapshot
+from tests.conftest import coco_doc, snapshot
 
 MTIME = 1_700_000_000
 N_IMAGES = 3
@@ -37,17 +37,8 @@ def _jpeg(i: int) -> bytes:
 
 
 def _coco(n: int) -> bytes:
-    doc = {
-        "images": [{"file_name": f"image_{i + 1:09d}.jpg", "width": 32, "height": 24, "id": i, "license": 1}
-                   for i in range(n)],
-        "annotations": [{"category_id": 1 + i % 2, "image_id": i, "segmentation": [], "iscrowd": 0,
-                         "bbox": [2, 3, 10, 12], "area": 120 / (32 * 24), "id": i, "license": 2}
-                        for i in range(n)],
-        "categories": [{"id": 1, "name": "person", "supercategory": "none"},
-                       {"id": 2, "name": "car", "supercategory": "none"}],
-        "licenses": [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 1, "name": "Attribution License"}],
-    }
-    return json.dumps(doc).encode()
+    licenses = [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 1, "name": "Attribution License"}]
+    return json.dumps(coco_doc(n, (32, 24), [2, 3, 10, 12], licenses=licenses)).encode()
 
 
 def _info(name: str, type_: bytes, **kw) -> tarfile.TarInfo:
