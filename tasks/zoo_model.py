@@ -232,7 +232,12 @@ class SsdFpnDecoder(_LevelsModel):
             feats[str(level)] = smoothed(tf_keras.layers.Add()([up, lateral]), f"smoothing_{level}")
         for level in range(top + 1, max_level + 1):
             feats[str(level)] = smoothed(feats[str(level - 1)], f"coarse_{level}", strides=2)
+        self._levels = tuple(inputs)
         super().__init__(config, inputs, feats, **kwargs)
+
+    def call(self, inputs: dict[str, tf.Tensor], training: Any = None, mask: Any = None) -> dict[str, tf.Tensor]:
+        # The backbone returns level 2 as well; Keras would warn in every training log that it is ignored.
+        return super().call({level: inputs[level] for level in self._levels}, training=training, mask=mask)
 
 
 @decoder_factory.register_decoder_builder("ssd_fpn")
