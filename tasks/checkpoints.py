@@ -251,11 +251,26 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         line = _mismatch_line(prefix, exc, modules)
+        _expect_partial(exc)
         with _quiet_tensorflow():  # the half-restored objects list every unused value when collected
             del ckpt, exc  # the exception holds them too: the line carries what it said
             gc.collect()
         raise PersoncarError(line) from None
     return sum(len(o.variables) for o in objs.values())
+
+
+def _expect_partial(exc: BaseException) -> None:
+    """Mark a restore that failed half-way as partial. Its pending values stay attached to the model's
+    variables, and TensorFlow would list every one of them (hundreds of log lines after the error's
+    one line) whenever the model is collected, even at exit."""
+    from tensorflow.python.checkpoint.checkpoint import _CheckpointRestoreCoordinator
+
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, _CheckpointRestoreCoordinator):
+                value.expect_partial = True
+        tb = tb.tb_next
 
 
 @contextlib.contextmanager
