@@ -217,7 +217,7 @@ def test_mismatched_checkpoint_fails_before_training_with_the_mismatch_named(own
     assert "in the checkpoint but" in text or "have no value in it" in text
     assert not list((tmp_path / "m").glob("ckpt-*"))  # nothing trained
     # From the CLI, the one line is the last word: the half-restored model is collected at exit without
-    # TensorFlow listing every value it did not restore (186 lines here; thousands for ResNet-152).
+    # TensorFlow listing every value it did not restore (186 lines for this model).
     cmd = [sys.executable, "-m", "tasks.cli", "train", "--data", str(tfr), "--model-dir", str(tmp_path / "cli"),
            "--model", TINY, "--backbone", "resnet50", "--image-size", str(SIZE), "--batch-size", "2", "--steps", "5",
            "--init-checkpoint", own_run["prefix"], "--no-export"]
