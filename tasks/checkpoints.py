@@ -18,17 +18,13 @@ came from where.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
-import logging
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,10 +248,7 @@ def restore_modules(model: Any, prefix: str, modules: tuple[str, ...]) -> int:
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         line = _mismatch_line(prefix, exc, modules)
         _expect_partial(exc)
-        with _quiet_tensorflow():  # the half-restored objects list every unused value when collected
-            del ckpt, exc  # the exception holds them too: the line carries what it said
-            gc.collect()
-        raise PersoncarError(line) from None
+        raise PersoncarError(line) from None  # the line carries what TensorFlow's error said
     return sum(len(o.variables) for o in objs.values())
 
 
@@ -271,17 +264,6 @@ def _expect_partial(exc: BaseException) -> None:
             if isinstance(value, _CheckpointRestoreCoordinator):
                 value.expect_partial = True
         tb = tb.tb_next
-
-
-@contextlib.contextmanager
-def _quiet_tensorflow() -> Iterator[None]:
-    tf_log = logging.getLogger("tensorflow")
-    level = tf_log.level
-    tf_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        tf_log.setLevel(level)
 
 
 def initialize(model: Any, model_cfg: Any, uri: str, modules: str | None, *,
