@@ -168,9 +168,9 @@ class ResNetV1Backbone(_LevelsModel):
         if model_id not in STAGE_BLOCKS:
             raise ValueError(f"resnet_v1 depth {model_id} is not one of {sorted(STAGE_BLOCKS)}")
         config = {"model_id": model_id, "input_specs": input_specs, "activation": activation,
-                        "norm_momentum": norm_momentum, "norm_epsilon": norm_epsilon,
-                        "depth_multiplier": depth_multiplier, "min_depth": min_depth,
-                        "kernel_regularizer": kernel_regularizer, "use_sync_bn": use_sync_bn}
+                  "norm_momentum": norm_momentum, "norm_epsilon": norm_epsilon,
+                  "depth_multiplier": depth_multiplier, "min_depth": min_depth,
+                  "kernel_regularizer": kernel_regularizer, "use_sync_bn": use_sync_bn}
         overrides = _OdApiLayers(activation=activation, momentum=norm_momentum, epsilon=norm_epsilon,
                                  depth_multiplier=depth_multiplier, min_depth=min_depth,
                                  kernel_regularizer=kernel_regularizer, use_sync_bn=use_sync_bn)
@@ -212,9 +212,8 @@ class SsdFpnDecoder(_LevelsModel):
                  norm_epsilon: float = 0.001, kernel_regularizer: Any = None, use_sync_bn: bool = False,
                  **kwargs: Any) -> None:
         config = {"input_specs": input_specs, "min_level": min_level, "max_level": max_level,
-                        "num_filters": num_filters, "activation": activation, "norm_momentum": norm_momentum,
-                        "norm_epsilon": norm_epsilon, "kernel_regularizer": kernel_regularizer,
-                        "use_sync_bn": use_sync_bn}
+                  "num_filters": num_filters, "activation": activation, "norm_momentum": norm_momentum,
+                  "norm_epsilon": norm_epsilon, "kernel_regularizer": kernel_regularizer, "use_sync_bn": use_sync_bn}
         top = min(max_level, max(int(k) for k in input_specs))
         inputs = {level: tf_keras.Input(shape=spec[1:]) for level, spec in input_specs.items()}
         conv = {"kernel_regularizer": kernel_regularizer, "padding": "same"}

@@ -227,8 +227,8 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     return {**browser_type_launch_args, "executable_path": chromium_path(), "args": CHROMIUM_ARGS}
 
 
-#: modules that set the suite's pace, dealt to a worker first: the learning check trains for about
-#: 13 minutes on one core. ``--dist=loadfile`` deals whole modules in collection order here
+#: modules that set the suite's pace, dealt to a worker first: the learning check trains for 8 to 13
+#: minutes on one core. ``--dist=loadfile`` deals whole modules in collection order here
 #: (``--no-loadscope-reorder`` in pyproject.toml; by default xdist deals the modules with most tests first)
 FIRST = ("tests/model/test_learning.py",)
 
