@@ -256,8 +256,10 @@ def _expect_partial(exc: BaseException) -> None:
     """Mark a restore that failed half-way as partial. Its pending values stay attached to the model's
     variables, and TensorFlow would list every one of them (hundreds of log lines after the error's
     one line) whenever the model is collected, even at exit."""
-    from tensorflow.python.checkpoint.checkpoint import _CheckpointRestoreCoordinator
-
+    try:
+        from tensorflow.python.checkpoint.checkpoint import _CheckpointRestoreCoordinator
+    except ImportError:  # TensorFlow's private class moved: the error line still stands, only louder
+        return
     tb = exc.__traceback__
     while tb is not None:
         for value in tb.tb_frame.f_locals.values():
