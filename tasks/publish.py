@@ -273,7 +273,9 @@ def _check_owned_folders(dest: str, run: str, where: dict[str, Any]) -> bool:
     The run folder is publish's own when the index lists the run (else it must be empty or
     absent); ``latest/`` when it holds a ``pointer.json`` or the index has a promoted run (whose
     publish may be filling it right now: the index entry is written before ``latest/``, so the
-    folders are listed first and the index read after). Returns whether the run was published before.
+    folders are listed first and the index read after). Ownership is judged on that first listing:
+    files that appear after the index was read are a concurrent publish's, whose entry this read
+    could not see. Returns whether the run was published before.
     """
     run_uri, latest_uri = storage.join_uri(dest, run), storage.join_uri(dest, LATEST_DIR)
     names = {uri: storage.list_names(uri, **where) for uri in (run_uri, latest_uri)}
@@ -285,7 +287,8 @@ def _check_owned_folders(dest: str, run: str, where: dict[str, Any]) -> bool:
             if names[uri] and not owned:
                 raise not_owned(uri, "publish", names[uri][0], flag="--dest")
         else:
-            check_output_dir(storage.local_path(uri), StageOutputs("publish"), owned=owned, flag="--dest")
+            check_output_dir(storage.local_path(uri), StageOutputs("publish"), owned=owned or not names[uri],
+                             flag="--dest")
     return published
 
 

@@ -112,6 +112,36 @@ def test_concurrent_processes_keep_every_index_entry(tmp_path):
         assert hashlib.sha256((latest / rel).read_bytes()).hexdigest() == digest
 
 
+def test_a_publish_racing_another_into_latest_is_not_refused(tmp_path, monkeypatch):
+    """Another run is promoted, and fills latest/, between this publish's index read and its
+    folder check: those files are publish's own, not a foreign folder."""
+    dest = tmp_path / "pub"
+    real_load_index = pub.load_index
+
+    def index_then_a_concurrent_promotion(*args, **kwargs):
+        entries = real_load_index(*args, **kwargs)
+        if not (dest / "latest").exists():
+            (dest / "latest").mkdir(parents=True)
+            (dest / "latest" / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\nother")
+        return entries
+
+    monkeypatch.setattr(pub, "load_index", index_then_a_concurrent_promotion)
+    result = pub.publish(make_report(tmp_path / "r", 0.4), dest, run_id="r")
+    assert result["promoted"] is True
+    assert pub.load_pointer(dest)["run_id"] == "r"
+    assert (dest / "latest" / "loss.png").read_bytes() == (tmp_path / "r" / "loss.png").read_bytes()
+
+
+def test_foreign_files_already_in_latest_are_refused(tmp_path):
+    dest = tmp_path / "pub"
+    (dest / "latest").mkdir(parents=True)
+    (dest / "latest" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(PersoncarError, match=r"latest holds files that personcar publish did not write \(e.g. 'notes.txt'\)"):
+        pub.publish(make_report(tmp_path / "r", 0.4), dest, run_id="r")
+    assert (dest / "latest" / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert not (dest / "r").exists() and not (dest / "runs.json").exists()
+
+
 def test_gate_promotion_and_latest_on_disk(tmp_path):
     dest = tmp_path / "pub"
     gate = {"metric": MAP50, "margin": 0.05}
