@@ -210,7 +210,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
             missing.append("config")
         ctx: dict[str, Any] = {
             "title": title, "run_folder": run_dir.resolve().name, "csp": CSP, "decision": decision(gate),
-            "parameters": parameters(config) if config else None,
+            "parameters": parameters(config, read["train/train_summary.json"]) if config else None,
             **dataset(read["download/download_manifest.json"], read["tfrecords/manifest.json"], missing),
             "validation": validation(read["validate/validation.json"], missing),
             "data_docs": "data_docs/index.html" if data_docs.is_file() else None,

@@ -103,8 +103,12 @@ def image(png: Path, alt: str) -> dict[str, str]:
     return {"file": png.name, "alt": alt, "data": base64.b64encode(png.read_bytes()).decode("ascii")}
 
 
-def parameters(config: dict[str, Any]) -> dict:
+def parameters(config: dict[str, Any], summary: Any = None) -> dict:
+    """The run's parameters as asked; where training started from something else (the train
+    summary's ``started_from``), the warm-start and initial-checkpoint rows say so."""
     resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    started = summary.get("started_from") if isinstance(summary, dict) else None
+    unused = _unused_start(config, started) if isinstance(started, dict) else {}
     rows, seen = [], set(SKIP_PARAMETERS)
     for key, name, unset in PARAMETERS:
         seen.add(key)
@@ -119,9 +123,21 @@ def parameters(config: dict[str, Any]) -> dict:
             text = f"{param_text(used)} ({'model default' if key in config else 'derived'})"
         else:
             text = unset
-        rows.append([name, text])
+        rows.append([name, f"{text}; {unused[key]}" if key in unused else text])
     rows += [[label(k), param_text(v)] for k, v in config.items() if k not in seen]
     return table(["parameter", "value"], rows)
+
+
+def _unused_start(config: dict[str, Any], started: dict[str, Any]) -> dict[str, str]:
+    """``{"warm_start" | "init_checkpoint": why it was not what training started from}``."""
+    kind, out = started.get("kind"), {}
+    if config.get("warm_start") == "promoted" and kind != "promoted":
+        out["warm_start"] = f"not used: {started.get('reason') or 'no promoted run to start from'}"
+    if kind == "promoted" and config.get("init_checkpoint") not in (None, "scratch"):
+        out["init_checkpoint"] = "not used: warm-started from the promoted run"
+    elif kind == "scratch" and config.get("init_checkpoint") not in (None, "scratch"):
+        out["init_checkpoint"] = f"not used: training started from {started.get('description', 'scratch')}"
+    return out
 
 
 def param_text(v: Any) -> str:

@@ -391,3 +391,21 @@ def test_report_says_where_training_started_which_step_was_exported_and_the_anch
     assert "a larger image size or smaller anchors fit this data better" in page
     md_text = (run / "report" / "report.md").read_text()
     assert "Exported: step 20" in md_text and "**Warning:**" in md_text and "![Validation mAP" in md_text
+
+
+@pytest.mark.parametrize(("started", "warm", "init"), [
+    ({"kind": "scratch", "description": "scratch (tiny has no published checkpoint)"},
+     "promoted; not used: no promoted run to start from",
+     "pretrained; not used: training started from scratch (tiny has no published checkpoint)"),
+    ({"kind": "promoted", "description": "the promoted run r1 (s3://b/r1/ckpt-9)"},
+     "promoted", "pretrained; not used: warm-started from the promoted run"),
+    ({"kind": "pretrained", "description": "COCO 2017 train", "reason": "the promoted run r1 recorded no checkpoint"},
+     "promoted; not used: the promoted run r1 recorded no checkpoint", "pretrained"),
+])
+def test_parameters_say_when_the_start_asked_for_was_not_used(run: Path, started: dict, warm: str, init: str) -> None:
+    summary = json.loads((run / "train" / "train_summary.json").read_text())
+    (run / "train" / "train_summary.json").write_text(json.dumps({**summary, "started_from": started}))
+    build_report(run, run / "report")
+    md_text = (run / "report" / "report.md").read_text()
+    assert f"| Warm start | {warm} |" in md_text
+    assert f"| Initial checkpoint | {init} |" in md_text
