@@ -38,7 +38,7 @@ def require_label_map(label_map: Mapping[int, str]) -> None:
     try:
         check_label_map(label_map)
     except ValueError as exc:
-        raise PersoncarError(str(exc)) from None
+        raise PersoncarError(str(exc)) from exc
 
 
 def read_dataset(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Tables]:

@@ -55,7 +55,7 @@ def open_image(path: Path, max_pixels: int) -> Any:
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as exc:  # Pillow refuses more than 2 x MAX_IMAGE_PIXELS itself
-        raise ImageTooLarge(f"{_pixels_of(str(exc))} pixels, more than max_image_pixels={max_pixels}") from None
+        raise ImageTooLarge(f"{_pixels_of(str(exc))} pixels, more than max_image_pixels={max_pixels}") from exc
     width, height = im.size
     if width * height > max_pixels:
         im.close()

@@ -48,22 +48,22 @@ def load_document(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PersoncarError(f"{path}: annotation file not found") from None
-    except IsADirectoryError:
-        raise PersoncarError(f"{path}: is a folder, expected an annotation JSON file") from None
+    except FileNotFoundError as exc:
+        raise PersoncarError(f"{path}: annotation file not found") from exc
+    except IsADirectoryError as exc:
+        raise PersoncarError(f"{path}: is a folder, expected an annotation JSON file") from exc
     except OSError as exc:
-        raise PersoncarError(f"{path}: cannot read annotation file: {exc.strerror or exc}") from None
+        raise PersoncarError(f"{path}: cannot read annotation file: {exc.strerror or exc}") from exc
     try:
         return json.loads(raw)
     except UnicodeDecodeError as exc:
         raise StructureError(path, "json_syntax", f"not UTF-8 text (byte {exc.start})",
-                             f"byte {exc.start}") from None
+                             f"byte {exc.start}") from exc
     except json.JSONDecodeError as exc:
         raise StructureError(path, "json_syntax", f"{exc.msg} at line {exc.lineno} column {exc.colno}",
-                             f"line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise StructureError(path, "json_syntax", "nesting too deep", "document") from None
+                             f"line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise StructureError(path, "json_syntax", "nesting too deep", "document") from exc
 
 
 def json_kind(v: Any) -> str:

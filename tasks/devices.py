@@ -106,9 +106,9 @@ def _logical_cpus(tf: Any, n: int) -> None:
         return
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
-    except RuntimeError:
+    except RuntimeError as exc:
         raise PersoncarError(f"{n} CPU replicas: TensorFlow already set up its devices in this process "
-                             f"({len(tf.config.list_logical_devices('CPU'))} CPU); start a fresh process") from None
+                             f"({len(tf.config.list_logical_devices('CPU'))} CPU); start a fresh process") from exc
 
 
 def strategy(tf: Any, c: Compute) -> Any:

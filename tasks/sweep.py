@@ -61,7 +61,7 @@ def candidate_config(base: dict[str, Any], candidate: dict[str, Any]) -> RunConf
     try:
         return RunConfig.from_params({**params, **overrides})
     except PersoncarError as exc:
-        raise PersoncarError(f"candidate {candidate.get('name')!r}: {exc}") from None
+        raise PersoncarError(f"candidate {candidate.get('name')!r}: {exc}") from exc
 
 
 def parse_candidates(raw: Any, base: dict[str, Any]) -> list[dict[str, Any]]:

@@ -479,6 +479,7 @@ def test_missing_inputs_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(PersoncarError, match="annotation file not found") as info:
         validate_annotations(tmp_path / "nope.json", tmp_path / "out")
     assert not isinstance(info.value, DataValidationError) and info.value.exit_code == 2
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the cause stays for the task log
     p = write(tmp_path, base_doc())
     with pytest.raises(PersoncarError, match="images folder not found"):
         validate_annotations(p, tmp_path / "out", images=tmp_path / "no-images")
