@@ -137,6 +137,8 @@ def _unused_start(config: dict[str, Any], started: dict[str, Any]) -> dict[str, 
         out["init_checkpoint"] = "not used: warm-started from the promoted run"
     elif kind == "scratch" and config.get("init_checkpoint") not in (None, "scratch"):
         out["init_checkpoint"] = f"not used: training started from {started.get('description', 'scratch')}"
+    if kind in ("promoted", "scratch"):
+        out["init_checkpoint_modules"] = "not used"
     return out
 
 

@@ -409,3 +409,5 @@ def test_parameters_say_when_the_start_asked_for_was_not_used(run: Path, started
     md_text = (run / "report" / "report.md").read_text()
     assert f"| Warm start | {warm} |" in md_text
     assert f"| Initial checkpoint | {init} |" in md_text
+    modules = "all it holds" if started["kind"] == "pretrained" else "all it holds; not used"
+    assert f"| Modules loaded | {modules} |" in md_text
