@@ -22,7 +22,9 @@ Quality gate and ``latest/``: a run is promoted when its gate metric (default
 ``DetectionBoxes_Precision/mAP@.50IOU``) beats the last promoted run in the index by more than the
 gate's margin (the first run: when the metric is above 0). The decision is made inside the index
 update, so concurrent publishes see each other. A promoted run's files are then copied to
-``latest/`` and ``latest/pointer.json`` is written LAST: a failure part-way leaves the previous
+``latest/``, one publish at a time (a lock file locally, a lease object ``DEST/.latest.lock`` on
+S3; a publish that finds a later promotion in the index leaves ``latest/`` to it), and
+``latest/pointer.json`` is written LAST: a failure part-way leaves the previous
 ``pointer.json`` in place, so readers that go through ``pointer.json`` (which names the run, its
 immutable run folder and each file's SHA-256) never see a half-written ``latest/``; publishing the
 run again completes it. Files that the new run does not have are removed from ``latest/`` only
@@ -31,7 +33,6 @@ after the pointer moved.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from datetime import UTC, datetime
@@ -44,7 +45,8 @@ from tasks.artifacts import (StageOutputs, atomic_dir, check_output_dir, copy_fi
 from tasks.evaluate import METRIC_PREFIX, RECALL_PREFIX, SHORT_METRICS, as_num, load_metrics, split_per_class_key
 from tasks.errors import PersoncarError
 from tasks.logs import log
-from tasks.runs_index import INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, put_entry, update_index
+from tasks.runs_index import (INDEX_NAME, LOCK_NAME, file_lock, load_index, normalize_dest, put_entry, s3_lease,
+                              update_index)
 
 LATEST_DIR = "latest"
 POINTER_NAME = "pointer.json"
@@ -250,9 +252,10 @@ def _update_latest(dest: str, run: str, entry: dict, files: list[tuple[str, Path
         "files": {rel: sha256_file(path) for rel, path in payload},
     }
     keep = {rel for rel, _ in payload} | {POINTER_NAME}
-    # Locally one writer at a time: the stale-file sweep must not catch another writer's temp files.
-    lock = contextlib.nullcontext() if storage.is_remote(dest) else file_lock(
-        storage.local_path(latest_uri).parent / LATEST_LOCK_NAME)
+    # One writer at a time: an earlier promotion still uploading must not land files after a later
+    # one's, and the stale-file sweep must not catch another writer's temp files.
+    lock = (s3_lease(storage.join_uri(dest, LATEST_LOCK_NAME), owner=f"publish of {run}", **where)
+            if storage.is_remote(dest) else file_lock(storage.local_path(dest) / LATEST_LOCK_NAME))
     with lock:
         if _superseded(dest, run, where):
             return latest_uri + "/"

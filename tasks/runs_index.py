@@ -7,7 +7,8 @@ it is unchanged (conditional writes: ``IfMatch=<etag>``, or ``IfNoneMatch='*'`` 
 on a conflict, re-read and try again (bounded, with jittered backoff). A server that rejects
 conditional writes as not implemented gets a read-modify-write with an ETag check before and a
 read-back after. Local destinations take an exclusive ``fcntl`` lock on a lock file beside the
-index and replace it by an atomic rename. Kept by hand: no library offers a compare-and-swap JSON
+index and replace it by an atomic rename. ``latest/`` is refreshed under a lock: that ``fcntl``
+lock locally, a lease object taken by conditional writes on S3 (:func:`s3_lease`). Kept by hand: no library offers a compare-and-swap JSON
 document on both S3 and a local folder.
 """
 
@@ -31,6 +32,8 @@ INDEX_NAME = "runs.json"
 LOCK_NAME = ".runs.json.lock"
 #: Attempts at a conflicting index update before giving up.
 MAX_INDEX_ATTEMPTS = 40
+#: An S3 lease (:func:`s3_lease`) lasts this long unless released; a waiter gives up after LEASE_WAIT_S.
+LEASE_TTL_S, LEASE_WAIT_S = 900.0, 600.0
 
 
 def load_index(dest: str, *, endpoint_url: str | None = None, conn_id: str | None = None,
@@ -131,11 +134,9 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
                     else:
                         raise _Conflict
                 except ClientError as exc:
-                    code = storage.error_code(exc)
-                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    if _is_conflict(exc):
                         raise _Conflict from exc
-                    if conditional and (code == "NotImplemented" or status == 501):
+                    if conditional and _not_implemented(exc):
                         log.warning("%s: the S3 server does not support conditional writes; "
                                     "falling back to read-modify-write with ETag checks", uri)
                         conditional = False
@@ -151,6 +152,19 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
 
 class _Conflict(Exception):
     """The index changed between our read and our write."""
+
+
+def _status(exc: Any) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _is_conflict(exc: Any) -> bool:
+    """A conditional write refused: the object is not (or no longer) as the condition said."""
+    return storage.error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict") or _status(exc) in (409, 412)
+
+
+def _not_implemented(exc: Any) -> bool:
+    return storage.error_code(exc) == "NotImplemented" or _status(exc) == 501
 
 
 def _etag_unchanged(client: Any, bucket: str, key: str, etag: str | None) -> bool:
@@ -184,6 +198,73 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def s3_lease(uri: str, *, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float = LEASE_WAIT_S,
+             endpoint_url: str | None = None, conn_id: str | None = None) -> Iterator[None]:
+    """Hold the S3 object ``uri`` as an exclusive lease while the block runs (the S3 ``file_lock``).
+
+    Taken by a conditional create (``IfNoneMatch='*'``) of ``{"owner", "expires_at"}``; a lease
+    past ``expires_at`` (its holder died) is taken over by a conditional overwrite of that version
+    (``IfMatch``). Waits up to ``wait_s`` for a live lease, then fails naming its holder. Released by
+    deleting it when it is still ours. A server without conditional writes gets no lease (a
+    warning). The block must finish within ``ttl_s``.
+    """
+    from botocore.exceptions import ClientError
+
+    client = storage.s3_client(endpoint_url, conn_id=conn_id)
+    bucket, key = storage.split_s3(uri)
+    token = f"{owner} {os.getpid()} {random.getrandbits(64):016x}"
+    deadline, attempt, held = time.monotonic() + wait_s, 0, True
+    while True:
+        body = json.dumps({"owner": token, "expires_at": time.time() + ttl_s}).encode()
+        with storage.storage_errors(uri, "lock"):
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+                break
+            except ClientError as exc:
+                if _not_implemented(exc):
+                    log.warning("%s: the S3 server does not support conditional writes; no lease taken", uri)
+                    held = False
+                    break
+                if not _is_conflict(exc):
+                    raise
+            holder, etag = _read_lease(client, bucket, key)
+            if holder is not None and holder.get("expires_at", 0) < time.time():
+                try:
+                    client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)
+                    log.warning("%s: took over the lease of %s, expired", uri, holder.get("owner"))
+                    break
+                except ClientError as exc:
+                    if not _is_conflict(exc):
+                        raise
+        if time.monotonic() > deadline:
+            raise PersoncarError(f"{uri}: held by {(holder or {}).get('owner', 'another publisher')} for more than "
+                                 f"{wait_s:.0f} s; if that publish died, the lease expires by itself")
+        _backoff(attempt)
+        attempt = min(attempt + 1, 6)
+    try:
+        yield
+    finally:
+        if held and (_read_lease(client, bucket, key)[0] or {}).get("owner") == token:
+            with storage.storage_errors(uri, "unlock"):
+                client.delete_object(Bucket=bucket, Key=key)
+
+
+def _read_lease(client: Any, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    from botocore.exceptions import ClientError
+
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
+        doc = json.loads(obj["Body"].read())
+    except ClientError as exc:
+        if storage.error_code(exc) in ("NoSuchKey", "404"):
+            return None, None
+        raise
+    except ValueError:
+        return {"owner": "an unreadable lease", "expires_at": 0}, obj["ETag"]
+    return (doc if isinstance(doc, dict) else {"expires_at": 0}), obj["ETag"]
 
 
 def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]], name: str = INDEX_NAME) -> list[dict]:

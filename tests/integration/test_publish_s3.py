@@ -106,6 +106,86 @@ def test_publishing_the_same_run_twice_leaves_one_copy_and_one_entry(s3, tmp_pat
     assert second["previous_promoted_run"] == "other"
 
 
+def test_an_earlier_promotion_still_uploading_cannot_land_files_after_a_later_one(s3, tmp_path, monkeypatch):
+    """run1 is promoted and starts filling latest/; run2 beats it meanwhile. run1's upload is held
+    until run2 finished (or 3 s): without one writer at a time, run1's files would land last,
+    under run2's pointer."""
+    client, bucket, endpoint = s3
+    dest = f"s3://{bucket}/race"
+    real_upload = storage.upload_files
+    run2_done = threading.Event()
+
+    def upload(files, uri, **kwargs):
+        if uri.endswith("/latest") and threading.current_thread().name == "run1":
+            run2_done.wait(timeout=3)
+        return real_upload(files, uri, **kwargs)
+
+    monkeypatch.setattr(storage, "upload_files", upload)
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def work(name: str, value: float) -> None:
+        try:
+            results[name] = pub.publish(make_report(tmp_path / name, value), dest, run_id=name, endpoint_url=endpoint)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            if name == "run2":
+                run2_done.set()
+
+    run1 = threading.Thread(target=work, args=("run1", 0.3), name="run1")
+    run1.start()
+    while "run1" not in {e["run_id"] for e in pub.load_index(dest, endpoint_url=endpoint)}:
+        run1.join(timeout=0.02)
+    run2 = threading.Thread(target=work, args=("run2", 0.5), name="run2")
+    run2.start()
+    run2.join(timeout=60)
+    run1.join(timeout=60)
+    assert not errors, errors
+    assert results["run1"]["promoted"] is True and results["run2"]["promoted"] is True
+    pointer = get_json(client, bucket, "race/latest/pointer.json")
+    assert pointer["run_id"] == "run2"
+    for rel, digest in pointer["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"race/latest/{rel}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest, rel
+    assert keys_under(client, bucket, "race/latest") == sorted([*pointer["files"], "pointer.json"])
+    assert ".latest.lock" not in keys_under(client, bucket, "race")  # released
+
+
+def test_a_lease_excludes_waits_and_an_expired_one_is_taken_over(s3):
+    from tasks.runs_index import s3_lease
+
+    client, bucket, endpoint = s3
+    uri = f"s3://{bucket}/lease/.latest.lock"
+    inside: list[str] = []
+    overlaps: list[str] = []
+
+    def hold(name: str) -> None:
+        with s3_lease(uri, owner=name, endpoint_url=endpoint):
+            if inside:
+                overlaps.append(name)
+            inside.append(name)
+            threading.Event().wait(0.2)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=hold, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert overlaps == [] and keys_under(client, bucket, "lease") == []
+
+    held_by = r"lease/.latest.lock: held by holder \d+ \w+ for more than 1 s"
+    with (s3_lease(uri, owner="holder", endpoint_url=endpoint), pytest.raises(PersoncarError, match=held_by),
+          s3_lease(uri, owner="waiter", wait_s=1, endpoint_url=endpoint)):
+        pass
+    client.put_object(Bucket=bucket, Key="lease/.latest.lock", Body=json.dumps(
+        {"owner": "a publish that died", "expires_at": 0}).encode())
+    with s3_lease(uri, owner="next", wait_s=1, endpoint_url=endpoint):
+        assert get_json(client, bucket, "lease/.latest.lock")["owner"].startswith("next ")
+    assert keys_under(client, bucket, "lease") == []
+
+
 def test_concurrent_publishes_keep_every_index_entry(s3, tmp_path):
     client, bucket, endpoint = s3
     dest = f"s3://{bucket}/concurrent"
