@@ -353,3 +353,81 @@ def test_unreachable_endpoint_is_a_clear_error(s3_env, tmp_path, monkeypatch):
         pub.previous_run("s3://team-bucket/reports", endpoint_url=dead)
     msg = str(err.value)
     assert "\n" not in msg and "s3://team-bucket/reports/runs.json" in msg and "unreachable" in msg
+
+
+@pytest.fixture()
+def no_conditional_writes_s3(s3_bucket):
+    """An S3 endpoint that answers conditional PUTs with 501 NotImplemented (as some S3-compatible
+    stores do) and forwards everything else to the moto server; yields ``(endpoint_url, bucket)``."""
+    import http.client
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    upstream, bucket = s3_bucket
+    target = urllib.parse.urlsplit(upstream)
+    refused: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "PUT" and ("If-None-Match" in self.headers or "If-Match" in self.headers):
+                refused.append(self.path)
+                error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                         b"<Message>A header you provided implies functionality that is not implemented</Message>"
+                         b"</Error>")
+                self.send_response(501)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                self.wfile.write(error)
+                return
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            conn.request(self.command, self.path, body=body,
+                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"} | {
+                             "Host": target.netloc})
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bucket, refused
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_without_conditional_writes_still_gets_every_run_indexed(no_conditional_writes_s3, tmp_path,
+                                                                          caplog):
+    endpoint, bucket, refused = no_conditional_writes_s3
+    dest = f"s3://{bucket}/plain"
+    with caplog.at_level("WARNING", logger="personcar"):
+        for name, value in (("r1", 0.3), ("r2", 0.2), ("r3", 0.4)):
+            pub.publish(make_report(tmp_path / name, value), dest, run_id=name, endpoint_url=endpoint)
+    assert refused  # the conditional writes were tried and refused
+    index = pub.load_index(dest, endpoint_url=endpoint)
+    assert [(e["run_id"], e["promoted"]) for e in index] == [("r1", True), ("r2", False), ("r3", True)]
+    assert pub.load_pointer(dest, endpoint_url=endpoint)["run_id"] == "r3"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("runs.json: the S3 server does not support conditional writes; falling back" in w for w in warnings)
+    assert any(".latest.lock: the S3 server does not support conditional writes; no lease taken" in w
+               for w in warnings)
+    client = storage.s3_client(endpoint)
+    assert ".latest.lock" not in keys_under(client, bucket, "plain")
