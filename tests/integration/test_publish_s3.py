@@ -135,7 +135,7 @@ def test_an_earlier_promotion_still_uploading_cannot_land_files_after_a_later_on
 
     run1 = threading.Thread(target=work, args=("run1", 0.3), name="run1")
     run1.start()
-    while "run1" not in {e["run_id"] for e in pub.load_index(dest, endpoint_url=endpoint)}:
+    while run1.is_alive() and "run1" not in {e["run_id"] for e in pub.load_index(dest, endpoint_url=endpoint)}:
         run1.join(timeout=0.02)
     run2 = threading.Thread(target=work, args=("run2", 0.5), name="run2")
     run2.start()
