@@ -234,21 +234,22 @@ def s3_lease(uri: str, *, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float 
             if holder is not None and holder.get("expires_at", 0) < time.time():
                 try:
                     client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)
-                    log.warning("%s: took over the lease of %s, expired", uri, holder.get("owner"))
+                    log.warning("%s: took over the expired lease of %s", uri, holder.get("owner"))
                     break
                 except ClientError as exc:
                     if not _is_conflict(exc):
                         raise
         if time.monotonic() > deadline:
             raise PersoncarError(f"{uri}: held by {(holder or {}).get('owner', 'another publisher')} for more than "
-                                 f"{wait_s:.0f} s; if that publish died, the lease expires by itself")
+                                 f"{wait_s:.0f} s; a lease left by a publish that died expires {ttl_s:.0f} s "
+                                 "after it was taken")
         _backoff(attempt)
         attempt = min(attempt + 1, 6)
     try:
         yield
     finally:
-        if held and (_read_lease(client, bucket, key)[0] or {}).get("owner") == token:
-            with storage.storage_errors(uri, "unlock"):
+        with storage.storage_errors(uri, "unlock"):
+            if held and (_read_lease(client, bucket, key)[0] or {}).get("owner") == token:
                 client.delete_object(Bucket=bucket, Key=key)
 
 

@@ -152,7 +152,7 @@ def test_an_earlier_promotion_still_uploading_cannot_land_files_after_a_later_on
     assert ".latest.lock" not in keys_under(client, bucket, "race")  # released
 
 
-def test_a_lease_excludes_waits_and_an_expired_one_is_taken_over(s3):
+def test_a_lease_excludes_waits_and_an_expired_one_is_taken_over(s3, caplog):
     from tasks.runs_index import s3_lease
 
     client, bucket, endpoint = s3
@@ -181,8 +181,9 @@ def test_a_lease_excludes_waits_and_an_expired_one_is_taken_over(s3):
         pass
     client.put_object(Bucket=bucket, Key="lease/.latest.lock", Body=json.dumps(
         {"owner": "a publish that died", "expires_at": 0}).encode())
-    with s3_lease(uri, owner="next", wait_s=1, endpoint_url=endpoint):
+    with caplog.at_level("WARNING", logger="personcar"), s3_lease(uri, owner="next", wait_s=1, endpoint_url=endpoint):
         assert get_json(client, bucket, "lease/.latest.lock")["owner"].startswith("next ")
+    assert "lease/.latest.lock: took over the expired lease of a publish that died" in caplog.text
     assert keys_under(client, bucket, "lease") == []
 
 
