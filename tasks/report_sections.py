@@ -129,13 +129,14 @@ def parameters(config: dict[str, Any], summary: Any = None) -> dict:
 
 
 def _unused_start(config: dict[str, Any], started: dict[str, Any]) -> dict[str, str]:
-    """``{"warm_start" | "init_checkpoint": why it was not what training started from}``."""
+    """``{parameter: why training did not start from it}`` for the warm-start and checkpoint rows."""
     kind, out = started.get("kind"), {}
+    asked_checkpoint = config.get("init_checkpoint") not in (None, "scratch")
     if config.get("warm_start") == "promoted" and kind != "promoted":
         out["warm_start"] = f"not used: {started.get('reason') or 'no promoted run to start from'}"
-    if kind == "promoted" and config.get("init_checkpoint") not in (None, "scratch"):
+    if kind == "promoted" and asked_checkpoint:
         out["init_checkpoint"] = "not used: warm-started from the promoted run"
-    elif kind == "scratch" and config.get("init_checkpoint") not in (None, "scratch"):
+    elif kind == "scratch" and asked_checkpoint:
         out["init_checkpoint"] = f"not used: training started from {started.get('description', 'scratch')}"
     if kind in ("promoted", "scratch"):
         out["init_checkpoint_modules"] = "not used"

@@ -8,8 +8,8 @@ on a conflict, re-read and try again (bounded, with jittered backoff). A server 
 conditional writes as not implemented gets a read-modify-write with an ETag check before and a
 read-back after. Local destinations take an exclusive ``fcntl`` lock on a lock file beside the
 index and replace it by an atomic rename. ``latest/`` is refreshed under a lock: that ``fcntl``
-lock locally, a lease object taken by conditional writes on S3 (:func:`s3_lease`). Kept by hand: no library offers a compare-and-swap JSON
-document on both S3 and a local folder.
+lock locally, a lease object taken by conditional writes on S3 (:func:`s3_lease`). Kept by hand:
+no library offers a compare-and-swap JSON document on both S3 and a local folder.
 """
 
 from __future__ import annotations
@@ -110,13 +110,7 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
     conditional = True
     for attempt in range(MAX_INDEX_ATTEMPTS):
         with storage.storage_errors(uri, "read"):
-            try:
-                obj = client.get_object(Bucket=bucket, Key=key)
-                etag, raw = obj["ETag"], obj["Body"].read()
-            except ClientError as exc:
-                if storage.error_code(exc) not in ("NoSuchKey", "404"):
-                    raise
-                etag, raw = None, None
+            raw, etag = _get_object(client, bucket, key)
         entries = change(_parse_index(raw, uri))
         body = _dump_index(entries)
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
@@ -253,19 +247,29 @@ def s3_lease(uri: str, *, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float 
                 client.delete_object(Bucket=bucket, Key=key)
 
 
-def _read_lease(client: Any, bucket: str, key: str) -> tuple[dict | None, str | None]:
+def _get_object(client: Any, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+    """An object's body and ETag; ``(None, None)`` when there is none."""
     from botocore.exceptions import ClientError
 
     try:
         obj = client.get_object(Bucket=bucket, Key=key)
-        doc = json.loads(obj["Body"].read())
     except ClientError as exc:
         if storage.error_code(exc) in ("NoSuchKey", "404"):
             return None, None
         raise
+    return obj["Body"].read(), obj["ETag"]
+
+
+def _read_lease(client: Any, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    """The lease's ``{"owner", "expires_at"}`` and ETag; an unreadable one counts as expired."""
+    raw, etag = _get_object(client, bucket, key)
+    if raw is None:
+        return None, None
+    try:
+        doc = json.loads(raw)
     except ValueError:
-        return {"owner": "an unreadable lease", "expires_at": 0}, obj["ETag"]
-    return (doc if isinstance(doc, dict) else {"expires_at": 0}), obj["ETag"]
+        doc = None
+    return (doc if isinstance(doc, dict) else {"owner": "an unreadable lease", "expires_at": 0}), etag
 
 
 def _update_index_local(root: Path, change: Callable[[list[dict]], list[dict]], name: str = INDEX_NAME) -> list[dict]:
