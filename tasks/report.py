@@ -170,6 +170,16 @@ def _warnings(validation: Any, coverage: Any, missing: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- the report
 
 
+def _sweep_origin(config: dict[str, Any]) -> dict[str, str] | None:
+    """For a backbone sweep's recommended candidate published as a run: the sweep, its candidate and
+    the sweep report beside it in the publish destination (``<dest>/sweeps/<sweep>/report.html``)."""
+    sweep = config.get("sweep")
+    if not (isinstance(sweep, dict) and sweep.get("run") and sweep.get("candidate")):
+        return None
+    return {"run": str(sweep["run"]), "candidate": str(sweep["candidate"]),
+            "report": f"../sweeps/{sweep['run']}/report.html"}
+
+
 def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None = None,
                  baseline: dict | None = None, title: str | None = None,
                  gate: dict | None = None) -> dict[str, Any]:
@@ -210,6 +220,7 @@ def build_report(run_dir: str | Path, out: str | Path, *, previous: dict | None 
             missing.append("config")
         ctx: dict[str, Any] = {
             "title": title, "run_folder": run_dir.resolve().name, "csp": CSP, "decision": decision(gate),
+            "sweep": _sweep_origin(config),
             "parameters": parameters(config, read["train/train_summary.json"]) if config else None,
             **dataset(read["download/download_manifest.json"], read["tfrecords/manifest.json"], missing),
             "validation": validation(read["validate/validation.json"], missing),

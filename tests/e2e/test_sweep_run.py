@@ -57,7 +57,7 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                             timeout=120)
     from tasks.dag_tasks import run_key
 
-    return {"root": root, "run": run, "run_id": runs[0]["run_id"], "states": json_out(states),
+    return {"root": root, "env": env, "conf": conf, "run": run, "run_id": runs[0]["run_id"], "states": json_out(states),
             "run_dir": root / "runs" / run_key(runs[0]["run_id"])}
 
 
@@ -138,3 +138,39 @@ def test_the_sweep_report_in_headless_chromium(sweep_run: dict, page) -> None:
     assert "broken failed in train: backbone resnet18" in page.locator("#failures").inner_text()
     plot = page.locator("img.plot")
     assert plot.count() == 1 and plot.evaluate("img => img.complete && img.naturalWidth >= 300")
+
+
+
+def test_promote_winner_publishes_the_recommended_candidate_as_a_run(sweep_run: dict) -> None:
+    """``publish_sweep`` again, with ``promote_winner``: ``airflow tasks test`` on the sweep's run (its
+    folder and XComs; the run's conf keeps its ``publish_dest``). The recommended candidate goes
+    through the quality gate as run ``<sweep>__<name>``, with a run report of its own train and
+    evaluate and the shared data pass. Runs after the tests above, which check that it was off."""
+    published = sweep_run["root"] / "published"
+    params = {**sweep_run["conf"], "promote_winner": True}
+    again = airflow(sweep_run["env"], "tasks", "test", DAG_ID, "publish_sweep", DATE, "-t", json.dumps(params))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    run = sweep_run["run_dir"]
+    name = json.loads((run / "compare" / "sweep.json").read_text())["recommendation"]["name"]
+    run_id = f"{run.name}__{name}"
+    index = json.loads((published / "runs.json").read_text())
+    assert [(e["run_id"], e["promoted"]) for e in index] == [(run_id, True)]  # the first run at the destination
+    assert index[0]["model"]["checkpoint"].startswith(str(run / "candidates" / name / "train" / "ckpt-"))
+    assert json.loads((published / "latest" / "pointer.json").read_text())["run_id"] == run_id
+    candidate = run / "candidates" / name
+    metrics = json.loads((candidate / "evaluate" / "metrics.json").read_text())
+    assert json.loads((published / run_id / "metrics.json").read_text()) == metrics
+    config = json.loads((candidate / "config.json").read_text())
+    assert config["sweep"] == {"run": run.name, "candidate": name} and config["run_id"] == run_id
+    chosen = next(c for c in CANDIDATES if c["name"] == name)
+    assert (config["model"], config["image_size"], config["steps"]) == (TINY["model"], TINY["image_size"], chosen["steps"])
+    md = (published / run_id / "report.md").read_text()
+    assert f"| mAP@.50IOU | {metrics['DetectionBoxes_Precision/mAP@.50IOU']:.3f} |" in md
+    assert "**Promoted:** the first run" in md
+    assert f"recommended candidate **{name}** of the backbone sweep {run.name} ([sweep report](../sweeps/{run.name}/report.html))" in md
+    assert (published / run_id / f"../sweeps/{run.name}/report.html").resolve().is_file()  # the link resolves
+    # the report drew the shared data pass's val images, fetched from the run's download folder
+    assert (published / run_id / "sample_detections.png").stat().st_size > 5_000
+    sweeps = json.loads((published / "sweeps.json").read_text())
+    assert [(e["sweep_id"], e.get("winner_run")) for e in sweeps] == [(run.name, run_id)]
+    assert not [p for p in run.rglob(".*") if ".tmp" in p.name]  # no temp leftovers
