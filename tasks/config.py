@@ -29,6 +29,7 @@ START_PRETRAINED, START_SCRATCH = "pretrained", "scratch"
 # 50/101/152 are the zoo's SSD backbones; 26 (ResNet V1) and 18/34 (Model Garden's ResNet) exist for fast
 # CPU smoke runs and learning checks. Which depths a model takes depends on its backbone type.
 Backbone = Literal["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152"]
+DEPTHS = {"resnet_v1": (26, 50, 101, 152), "resnet": (18, 34, 50, 101, 152, 200)}  # by backbone type
 
 
 def available_models() -> list[str]:
@@ -181,8 +182,22 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _source(self) -> RunConfig:
         if not self.dataset_source.strip():
-            raise ValueError("dataset_source must not be empty")
+            raise ValueError("dataset_source: must not be empty")
         return self
+
+    @model_validator(mode="after")
+    def _backbone_depth(self) -> RunConfig:
+        """A backbone override must be a depth the model's backbone type comes in (known before any work)."""
+        kind = self.backbone_type() if self.backbone else None
+        if kind in DEPTHS and int(self.backbone.removeprefix("resnet")) not in DEPTHS[kind]:
+            raise ValueError(f"backbone: {self.model}'s {kind} backbone comes in depths "
+                             f"{', '.join(map(str, DEPTHS[kind]))}, not {self.backbone}")
+        return self
+
+    def backbone_type(self) -> str:
+        """The model's backbone type: ``resnet_v1`` (the zoo's SSD) or ``resnet`` (Model Garden's)."""
+        model = load_model_config(self.model).get("override", {}).get("task", {}).get("model", {})
+        return str(model.get("backbone", {}).get("type", ""))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunConfig:
@@ -257,11 +272,13 @@ class RunConfig(BaseModel):
 def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter"
-        parts.append(f"{field}: {msg} (got {err.get('input')!r})")
+        if not err["loc"]:  # a rule across fields: its message names them, the input is the whole config
+            parts.append(msg)
+            continue
+        parts.append(f"{'.'.join(str(p) for p in err['loc'])}: {msg} (got {err.get('input')!r})")
     return "invalid run configuration: " + "; ".join(parts)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tasks.artifacts import safe_run_id
 from tasks.config import RunConfig, Settings
@@ -45,7 +45,13 @@ def run_location(context: dict[str, Any], stage: str = "") -> str:
 
 
 def run_config(context: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_params(run_params(context))
+    """The run's config from the DAG params; a bad one fails the task at once (a retry would not mend it)."""
+    from tasks.errors import PersoncarError
+
+    try:
+        return RunConfig.from_params(run_params(context))
+    except PersoncarError as exc:
+        _fail_without_retry(exc)
 
 
 def run_params(context: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +83,7 @@ def _input(location: str | None, context: dict[str, Any], stage: str, task: str)
     raise PersoncarError(f"{location} is missing: run task {task!r} for this run first")
 
 
-def _fail_without_retry(exc: BaseException) -> None:
+def _fail_without_retry(exc: BaseException) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
 
     raise AirflowFailException(str(exc)) from exc

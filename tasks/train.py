@@ -29,7 +29,6 @@ from tasks.errors import PersoncarError
 from tasks.logs import log
 
 EXPORT_SUBDIR = "exported"
-DEPTHS = {"resnet_v1": (26, 50, 101, 152), "resnet": (18, 34, 50, 101, 152, 200)}
 
 
 class OutOfMemoryError(PersoncarError):
@@ -62,14 +61,8 @@ def train_images(data_dir: str | Path) -> int | None:
 
 
 def _backbone_override(exp: Any, depth_name: str | None) -> dict[str, Any]:
-    kind = exp.task.model.backbone.type
-    if not depth_name:
-        return {}
-    depth = int(depth_name.removeprefix("resnet"))
-    if depth not in DEPTHS.get(kind, ()):
-        raise PersoncarError(f"backbone {depth_name}: the model's {kind} backbone comes in depths "
-                             f"{', '.join(map(str, DEPTHS.get(kind, ())))}")
-    return {kind: {"model_id": depth}}
+    """The backbone's depth override (RunConfig has checked that the model's backbone type comes in it)."""
+    return {exp.task.model.backbone.type: {"model_id": int(depth_name.removeprefix("resnet"))}} if depth_name else {}
 
 
 def build_experiment(run: RunConfig, data_dir: str | Path, *, gpus: int | None = None,

@@ -2,8 +2,8 @@
 
 The same set-up as the main DAG's end-to-end test (tests/e2e/test_dag_run.py: SQLite metadata DB in
 a temp AIRFLOW_HOME, the local backend, the sample archive through the production download path).
-Three candidates: two tiny models that train a few steps at 128 px, and one made to fail (a
-backbone depth its model does not come in). The compare report must rank the two, name the
+Three candidates: two tiny models that train a few steps at 128 px, and one made to fail in its
+training (its start checkpoint does not exist). The compare report must rank the two, name the
 failure, be published beside the runs, be listed by the runs view and render in headless Chromium.
 """
 
@@ -25,7 +25,8 @@ TINY = {"model": "ssd_resnet26_v1_fpn_256x256_tiny", "image_size": 128}
 CANDIDATES = [
     {"name": "tiny_a", **TINY, "steps": 3},
     {"name": "tiny_b", **TINY, "steps": 5, "seed": 7},
-    {"name": "broken", **TINY, "steps": 4, "backbone": "resnet18"},  # resnet_v1 comes in 26, 50, 101, 152
+    # a start checkpoint that is not there: only its training finds out (the path could exist in a pod only)
+    {"name": "broken", **TINY, "steps": 4, "init_checkpoint": "/nonexistent/personcar/ckpt-1"},
 ]
 
 STATES = r"""
@@ -77,7 +78,7 @@ def test_one_failed_candidate_does_not_sink_the_others(sweep_run: dict) -> None:
         assert json.loads((run / "candidates" / name / "train" / "train_summary.json").read_text())["steps"] == steps
         assert (run / "candidates" / name / "evaluate" / "metrics.json").is_file()
     failure = json.loads((run / "candidates" / "broken" / "failure.json").read_text())
-    assert failure["stage"] == "train" and "backbone resnet18" in failure["error"]
+    assert failure["stage"] == "train" and "init checkpoint /nonexistent/personcar/ckpt-1: no such" in failure["error"]
     assert not (run / "train").exists() and not (run / "evaluate").exists()  # the data pass only, once
 
 
@@ -93,10 +94,11 @@ def test_compare_ranks_the_two_and_names_the_failure(sweep_run: dict) -> None:
         assert set(c["metrics"]) == {"mAP", "mAP@.50IOU", "mAP@.75IOU"} and set(c["per_class"]) == {"person", "car"}
         assert c["parameters"] > 1_000_000 and c["saved_model_bytes"] > 1_000_000
         assert c["latency"]["median_ms"] > 0 and c["training"]["images_per_second"] > 0
-    assert by_name["broken"]["failure"]["stage"] == "train" and "depths 26" in by_name["broken"]["failure"]["error"]
+    assert by_name["broken"]["failure"] == {
+        "stage": "train", "error": "init checkpoint /nonexistent/personcar/ckpt-1: no such file or folder"}
     assert doc["machine"]["images_from"].endswith("/tfrecords")
     md = (out / "report.md").read_text()
-    assert "**broken** failed in train: backbone resnet18" in md and (out / "pr_curves.png").stat().st_size > 5_000
+    assert "**broken** failed in train: init checkpoint /nonexistent/personcar/ckpt-1" in md and (out / "pr_curves.png").stat().st_size > 5_000
     assert not [p for p in out.parent.rglob(".*") if ".tmp" in p.name]  # no temp leftovers
 
 
@@ -135,7 +137,7 @@ def test_the_sweep_report_in_headless_chromium(sweep_run: dict, page) -> None:
     assert [rows.nth(i).get_attribute("data-candidate") for i in range(rows.count())] == [*doc["ranking"], "broken"]
     assert page.locator("tr.recommended").get_attribute("data-candidate") == doc["recommendation"]["name"]
     assert page.locator("tr.failed").get_attribute("data-candidate") == "broken"
-    assert "broken failed in train: backbone resnet18" in page.locator("#failures").inner_text()
+    assert "broken failed in train: init checkpoint /nonexistent/personcar/ckpt-1" in page.locator("#failures").inner_text()
     plot = page.locator("img.plot")
     assert plot.count() == 1 and plot.evaluate("img => img.complete && img.naturalWidth >= 300")
 

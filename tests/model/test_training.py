@@ -90,8 +90,8 @@ def test_experiment_follows_the_run_config(tmp_path: Path) -> None:
     assert (two.runtime.distribution_strategy, two.runtime.num_gpus) == ("mirrored", 0)
     assert two.task.train_data.global_batch_size == 16
     assert two.trainer.optimizer_config.learning_rate.cosine.initial_learning_rate == pytest.approx(0.04 * 16 / 64)
-    with pytest.raises(PersoncarError, match="backbone resnet18: the model's resnet_v1 backbone comes in depths"):
-        build_experiment(RunConfig(backbone="resnet18"), tmp_path, gpus=0)
+    with pytest.raises(PersoncarError, match="backbone: ssd_resnet152_v1_fpn_640x640's resnet_v1 backbone comes in depths"):
+        build_experiment(RunConfig.from_params({"backbone": "resnet18"}), tmp_path, gpus=0)
     mg = build_experiment(RunConfig(model="retinanet_resnet50_fpn_640x640", backbone="resnet18"), tmp_path, gpus=0)
     assert (mg.task.model.backbone.type, mg.task.model.backbone.resnet.model_id) == ("resnet", 18)
 

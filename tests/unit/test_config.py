@@ -88,12 +88,43 @@ def test_from_params_ignores_none_and_accepts_form_values() -> None:
     ({"dataset_sha256": "xyz"}, "dataset_sha256: must be 64 hexadecimal characters"),
     ({"stepz": 3}, "stepz: unknown parameter"),
     ({"val_fraction": 1.5}, "val_fraction: Input should be less than or equal to 1"),
+    ({"backbone": "resnet18"},
+     "backbone: ssd_resnet152_v1_fpn_640x640's resnet_v1 backbone comes in depths 26, 50, 101, 152, not resnet18"),
+    ({"model": "retinanet_resnet50_fpn_640x640", "backbone": "resnet26"},
+     "backbone: retinanet_resnet50_fpn_640x640's resnet backbone comes in depths 18, 34, 50, 101, 152, 200, "
+     "not resnet26"),
+    ({"dataset_source": " "}, "dataset_source: must not be empty"),
 ])
 def test_bad_params_give_one_clear_line(params: dict, message: str) -> None:
     with pytest.raises(PersoncarError) as exc:
         RunConfig.from_params(params)
     text = str(exc.value)
     assert message in text and "\n" not in text and text.startswith("invalid run configuration: ")
+
+
+def test_a_backbone_override_is_a_depth_of_the_models_backbone_type() -> None:
+    assert [RunConfig(model=m).backbone_type() for m in ("ssd_resnet152_v1_fpn_640x640", "ssd_resnet26_v1_fpn_256x256_tiny",
+                                                         "retinanet_resnet50_fpn_640x640")] == ["resnet_v1"] * 2 + ["resnet"]
+    assert RunConfig(backbone="resnet26").backbone == "resnet26"
+    assert RunConfig(model="retinanet_resnet50_fpn_640x640", backbone="resnet18").backbone == "resnet18"
+    with pytest.raises(PersoncarError) as exc:  # a rule across fields does not print the whole config
+        RunConfig.from_params({"backbone": "resnet34", "steps": 3})
+    assert str(exc.value) == ("invalid run configuration: backbone: ssd_resnet152_v1_fpn_640x640's resnet_v1 backbone "
+                              "comes in depths 26, 50, 101, 152, not resnet34")
+
+
+def test_a_bad_run_config_fails_the_airflow_task_without_retries() -> None:
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.dag_tasks import run_config
+
+    context = {"params": {"backbone": "resnet18", "candidates": []}, "dag_run": SimpleNamespace(run_id="manual__1")}
+    with pytest.raises(AirflowFailException, match="invalid run configuration: backbone: ") as exc:
+        run_config(context)
+    assert isinstance(exc.value.__cause__, PersoncarError)
+    assert run_config({"params": {"steps": 3, "candidates": []}}).steps == 3
 
 
 def test_settings_from_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,6 +99,8 @@ def test_default_candidates_are_the_three_depths_at_640_from_their_checkpoints()
     ([{"name": "a", "val_fraction": 0.5}], "candidate 'a': val_fraction is one value for the whole sweep"),
     ([{"name": "a", "image_size": 100}], "candidate 'a': invalid run configuration: image_size"),
     ([{"name": "a", "model": "nope"}], "candidate 'a': invalid run configuration: model"),
+    ([{"name": "a"}, {"name": "b", "backbone": "resnet18"}],  # found before the data pass, not by its training
+     "candidate 'b': invalid run configuration: backbone: ssd_resnet152_v1_fpn_640x640's resnet_v1 backbone comes in"),
 ])
 def test_bad_candidates_fail_with_one_line(raw: object, message: str) -> None:
     with pytest.raises(PersoncarError, match=message) as exc:
@@ -376,7 +378,7 @@ def test_a_failed_candidate_task_leaves_failure_json_and_a_new_try_removes_it(tm
     from tasks.compare import read_run
 
     monkeypatch.setenv("PERSONCAR_ARTIFACT_ROOT", str(tmp_path / "runs"))
-    params = {"candidates": [{"name": "a", "steps": 2}, {"name": "b", "backbone": "resnet18"}]}
+    params = {"candidates": [{"name": "a", "steps": 2}, {"name": "b", "steps": 3}]}
     ti = SimpleNamespace(map_index=1, task_id="candidate.train", try_number=1)
     context = {"params": params, "ti": ti, "dag_run": SimpleNamespace(run_id="manual__1", logical_date=None),
                "exception": RuntimeError("backbone resnet18: the model's resnet_v1 backbone comes in\ndepths 26")}
