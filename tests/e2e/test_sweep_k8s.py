@@ -1,0 +1,129 @@
+"""End to end: the backbone sweep on the ``kubernetes`` backend, its run folder on S3.
+
+The set-up of tests/e2e/test_dag_run_s3.py: moto's S3 server over HTTP, an emulated one-node cluster
+(``tests/kubelet.py``) whose kubelet runs each pod's command in the project's environment, with the
+credentials of the ``personcar-aws`` Secret the pod templates name. ``airflow dags test`` runs
+``personcar_backbone_sweep`` with two tiny candidates: TFRecords, each candidate's train and
+evaluate (mapped pods, which find their candidate by the map index in their templated arguments)
+and the compare run as pods, and share the run with the worker only through the bucket. Every pod
+the operator submitted must be valid Kubernetes (strict schema).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.e2e.test_dag_run import DATE, airflow, airflow_env, json_out
+from tests.e2e.test_dag_run_s3 import BUCKET, CREDENTIALS, objects, read_json
+from tests.e2e.test_sweep_run import TINY
+
+pytestmark = pytest.mark.slow
+DAG_ID = "personcar_backbone_sweep"
+CANDIDATES = [{"name": "tiny_a", **TINY, "steps": 2}, {"name": "tiny_b", **TINY, "steps": 3, "seed": 7}]
+K8S_VERSIONS = ["1.33", "1.30"]  # as tests/unit/test_k8s_pod.py
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[dict[str, Any]]:
+    from tasks.dag_tasks import run_key
+    from tasks.sample import make_sample
+    from tests.kubelet import Cluster
+
+    root = tmp_path_factory.mktemp("sweep-k8s")
+    make_sample(root / "sample", images=10, seed=4, archive=root / "trainval.tar.gz")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.upload_file(str(root / "trainval.tar.gz"), BUCKET, "sweep-data/trainval.tar.gz")
+    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5) as cluster:
+        cluster.create_secret("personcar-aws", {**{k: v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"},
+                                                "AWS_ENDPOINT_URL_S3": s3_server})
+        config = cluster.kubeconfig(root / "kubeconfig", context="kmock")
+        env = {**airflow_env(root), **CREDENTIALS, "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/sweep-k8s/runs",
+               "PERSONCAR_S3_ENDPOINT_URL": s3_server, "PERSONCAR_EXECUTION_BACKEND": "kubernetes",
+               "PERSONCAR_K8S_CONFIG_FILE": str(config), "PERSONCAR_K8S_CONTEXT": "kmock",
+               "PERSONCAR_K8S_IN_CLUSTER": "false", "PERSONCAR_K8S_CONN_ID": ""}
+        conf = {"dataset_source": f"s3://{BUCKET}/sweep-data/trainval.tar.gz", "batch_size": 2, "val_fraction": 0.3,
+                "publish_dest": f"s3://{BUCKET}/sweep-k8s/published", "candidates": CANDIDATES}
+        assert airflow(env, "db", "migrate").returncode == 0
+        run = airflow(env, "dags", "test", DAG_ID, DATE, "--conf", json.dumps(conf))
+        (root / "dags-test.log").write_text(run.stdout + run.stderr)
+        run_id = json_out(airflow(env, "dags", "list-runs", DAG_ID, "--output", "json"))[0]["run_id"]
+        states = json_out(airflow(env, "tasks", "states-for-dag-run", DAG_ID, run_id, "--output", "json"))
+        key = run_key(run_id)
+        yield {"run": run, "states": states, "key": key, "s3": s3, "cluster": cluster, "endpoint": s3_server,
+               "prefix": f"s3://{BUCKET}/sweep-k8s/runs/{key}", "files": sorted(objects(s3, f"sweep-k8s/runs/{key}/"))}
+        cluster.check()
+
+
+def _log(sweep: dict[str, Any]) -> str:
+    return (sweep["run"].stdout + sweep["run"].stderr)[-4000:]
+
+
+def test_every_task_succeeds_with_the_tensorflow_stages_as_pods(sweep: dict) -> None:
+    assert sweep["run"].returncode == 0, _log(sweep)
+    states = {(r["task_id"], r.get("map_index", -1)): r["state"] for r in sweep["states"]}
+    assert set(states.values()) == {"success"}, states
+    assert sorted({task for task, _ in states}) == [
+        "build_tfrecords", "candidate.evaluate", "candidate.train", "compare", "download_dataset",
+        "list_candidates", "publish_sweep", "validate_annotations"]
+    runs = sorted(sweep["cluster"].runs.values(), key=lambda r: r.argv[1:])
+    assert sorted((r.argv[1], r.exit_code) for r in runs) == [
+        ("compare", 0), ("evaluate", 0), ("evaluate", 0), ("tfrecords", 0), ("train", 0), ("train", 0)]
+    assert len(sweep["cluster"].requests("POST")) == 6  # one pod each, no retry
+
+
+def test_each_mapped_pod_got_its_own_candidate(sweep: dict) -> None:
+    prefix = sweep["prefix"]
+    by_dir = {}
+    for r in sweep["cluster"].runs.values():
+        if r.argv[1] in ("train", "evaluate"):
+            by_dir[(r.argv[1], r.argv[r.argv.index("--model-dir") + 1])] = r
+    assert sorted(by_dir) == sorted((stage, f"{prefix}/candidates/{c['name']}/train")
+                                    for stage in ("train", "evaluate") for c in CANDIDATES)
+    for c in CANDIDATES:
+        train = by_dir[("train", f"{prefix}/candidates/{c['name']}/train")]
+        config = json.loads(train.argv[train.argv.index("--run-config") + 1])
+        assert (config["model"], config["image_size"], config["steps"]) == (TINY["model"], TINY["image_size"], c["steps"])
+        assert config.get("seed", 42) == c.get("seed", 42) and config["warm_start"] == "none"
+        assert train.argv[train.argv.index("--data") + 1] == f"{prefix}/tfrecords"
+        assert f"INFO personcar: train: step {c['steps']}/{c['steps']}" in train.text()
+        summary = read_json(sweep["s3"], f"sweep-k8s/runs/{sweep['key']}/candidates/{c['name']}/train/train_summary.json")
+        assert summary["steps"] == c["steps"]
+        evaluate = by_dir[("evaluate", f"{prefix}/candidates/{c['name']}/train")]
+        assert evaluate.argv[-2:] == ["--out", f"{prefix}/candidates/{c['name']}/evaluate"]
+    # credentials from the Secret, not the worker's environment
+    assert {r.env["AWS_ENDPOINT_URL_S3"] for r in sweep["cluster"].runs.values()} == {sweep["endpoint"]}
+
+
+def test_every_submitted_pod_is_valid_kubernetes(sweep: dict) -> None:
+    import kubernetes_validate
+
+    posts = sweep["cluster"].requests("POST")
+    assert posts
+    for post in posts:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(post.data, version, strict=True)
+    gpus = {p.data["spec"]["containers"][0]["args"][0]:
+            p.data["spec"]["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+            for p in posts}
+    assert gpus["tfrecords"] is None and {gpus[s] for s in ("train", "evaluate", "compare")} == {"1"}
+
+
+def test_the_compare_pod_ranks_both_and_the_sweep_is_published(sweep: dict) -> None:
+    key, s3 = sweep["key"], sweep["s3"]
+    doc = read_json(s3, f"sweep-k8s/runs/{key}/compare/sweep.json")
+    assert sorted(doc["ranking"]) == ["tiny_a", "tiny_b"] and doc["failed"] == []
+    assert doc["recommendation"]["name"] in ("tiny_a", "tiny_b") and doc["recommendation"]["reason"]
+    assert all(c["latency"]["median_ms"] > 0 for c in doc["candidates"])
+    assert doc["machine"]["images_from"] == f"{sweep['prefix']}/tfrecords"
+    entries = read_json(s3, "sweep-k8s/published/sweeps.json")
+    assert [e["sweep_id"] for e in entries] == [key] and entries[0]["recommended"] == doc["recommendation"]["name"]
+    published = objects(s3, f"sweep-k8s/published/sweeps/{key}/")
+    assert {"report.html", "report.md", "sweep.json"} <= set(published)
+    assert not [f for f in sweep["files"] if f.startswith(("train/", "evaluate/"))]  # only the candidates trained
