@@ -16,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 DEMO_CONF := {"dataset_source": "file://$(DEMO)/trainval.tar.gz", "model": "ssd_resnet26_v1_fpn_256x256_tiny", "steps": 200, "val_fraction": 0.25, "publish_dest": "file://$(DEMO)/published"}
 
-.PHONY: install demo test lock system-deps image-check clean
+.PHONY: install demo ui test lock system-deps image-check clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,13 @@ demo: install
 		--conf '$(DEMO_CONF)' 2>&1 | tee $(DEMO)/dag-test.log \
 		| grep -E "\[personcar\]|Marking run|ERROR" | sed -E 's/ +\[personcar\].*//' || true
 	@$(BIN)/python -m tasks.demo_summary $(DEMO)
+
+# The Airflow UI over the demo's metadata DB (.airflow/): the demo's DAG run, its task logs and
+# Report links, Browse > personcar runs. Every visitor is an admin: for a local look only.
+UI_PORT ?= 8080
+ui: install
+	@echo "Airflow UI: http://localhost:$(UI_PORT) (Ctrl-C stops it)"
+	AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True $(BIN)/airflow api-server --host 127.0.0.1 --port $(UI_PORT)
 
 system-deps:  ## headless Chromium for the browser tests (Debian)
 	@command -v chromium >/dev/null || { \
