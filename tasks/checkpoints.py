@@ -24,11 +24,12 @@ import re
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PersoncarError
+from tasks.errors import PersoncarError, TemporaryError
 from tasks.logs import log
 
 MODULES = ("backbone", "decoder", "head")
@@ -99,7 +100,9 @@ def _download_http(url: str, dest: Path) -> None:
             shutil.copyfileobj(resp, f, length=1 << 20)
     except OSError as exc:  # URLError, HTTPError, timeouts, disk full
         part.unlink(missing_ok=True)
-        raise PersoncarError(f"cannot download checkpoint {url}: {exc}") from exc
+        refused = isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500 and exc.code not in (408, 429)
+        kind = PersoncarError if refused else TemporaryError  # a 404 stays one; a timeout may pass on retry
+        raise kind(f"cannot download checkpoint {url}: {exc}") from exc
     part.replace(dest)
 
 

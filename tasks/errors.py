@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+#: ``personcar``'s exit codes: 2 a user error (bad input, configuration or arguments; the same command
+#: fails the same way), 1 the dataset failed validation (and any crash), 3 out of accelerator memory,
+#: 75 a storage or network failure (``EX_TEMPFAIL``: a retry may pass). A trainer pod that exits
+#: with one of these is not retried (:mod:`tasks.k8s`).
+NO_RETRY_EXIT_CODES = (2, 3)
+TEMPORARY_FAILURE = 75
+
+
 class PersoncarError(Exception):
     """A user-facing failure: bad input, bad configuration, unreachable source.
 
@@ -10,6 +18,12 @@ class PersoncarError(Exception):
     """
 
     exit_code = 2
+
+
+class TemporaryError(PersoncarError):
+    """A failure a retry may mend: storage or network (an endpoint back, a bucket created)."""
+
+    exit_code = TEMPORARY_FAILURE
 
 
 class DataValidationError(PersoncarError):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tasks import __version__
-from tasks.errors import PersoncarError, one_line
+from tasks.errors import PersoncarError, TemporaryError, one_line
 from tasks.logs import log
 
 if TYPE_CHECKING:
@@ -26,12 +26,12 @@ if TYPE_CHECKING:
 TIMEOUT_S = 60.0
 
 
-class Unreachable(PersoncarError):
+class Unreachable(TemporaryError):
     """No answer from the source (connection, timeout, 5xx, throttling): a cached archive may stand in."""
 
 
-class Changed(PersoncarError):
-    """The object is no longer the one a partial download came from."""
+class Changed(TemporaryError):
+    """The object is no longer the one a partial download came from (a new try starts afresh)."""
 
 
 class Body(NamedTuple):

@@ -158,32 +158,42 @@ def make_trainer_task(task_id: str, arguments: Sequence[str], settings: TrainerP
 
 
 def trainer_operator_class() -> type:
-    """``KubernetesPodOperator`` that fails without retrying when the pod ran out of accelerator memory.
+    """``KubernetesPodOperator`` that fails without retrying when a retry of the pod cannot mend it.
 
-    The pod's one-line error is its termination message (``FallbackToLogsOnError``), which the
-    operator puts in its exception: the same batch would run out of memory again on every retry.
+    That is when the pod's ``personcar`` command exited with one of :data:`tasks.errors.NO_RETRY_EXIT_CODES`
+    (bad input, configuration or arguments; out of accelerator memory: the same pod fails the same
+    way). A storage or network failure (exit 75), a crash, a lost node or an eviction is retried.
+    The task's error is the command's one line, from the pod's termination message
+    (``FallbackToLogsOnError``: the end of its log), which the operator puts in its exception.
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    def no_retry_on_oom(exc: AirflowException) -> None:
-        if OOM_MARKER in str(exc):
-            line = next((ln for ln in str(exc).splitlines() if OOM_MARKER in ln), OOM_MARKER)
-            raise AirflowFailException(line.strip().strip("'\"")) from exc
+    from tasks.errors import NO_RETRY_EXIT_CODES
 
     class TrainerPodOperator(KubernetesPodOperator):
-        def execute(self, context: Any) -> Any:
+        def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> None:
             try:
-                return super().execute(context)
+                super().cleanup(pod, remote_pod, *args, **kwargs)
             except AirflowException as exc:
-                no_retry_on_oom(exc)
-                raise
-
-        def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
-            try:
-                return super().trigger_reentry(context, event)
-            except AirflowException as exc:
-                no_retry_on_oom(exc)
+                code = base_exit_code(remote_pod, self.base_container_name)
+                if code in NO_RETRY_EXIT_CODES or OOM_MARKER in str(exc):
+                    raise AirflowFailException(error_line(str(exc), code)) from exc
                 raise
 
     return TrainerPodOperator
+
+
+def base_exit_code(pod: Any, container: str) -> int | None:
+    """The exit code of the pod's container ``container``, when it has terminated."""
+    statuses = (getattr(getattr(pod, "status", None), "container_statuses", None) or [])
+    status = next((c for c in statuses if c.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state is not None else None
+    return terminated.exit_code if terminated is not None else None
+
+
+def error_line(text: str, code: int | None) -> str:
+    """The ``personcar`` command's one error line in the operator's failure text, else its first line."""
+    lines = [ln.strip().strip("'\"") for ln in text.splitlines() if ln.strip()]
+    found = next((ln for ln in reversed(lines) if (f"{CLI} " in ln and ": error: " in ln) or OOM_MARKER in ln), None)
+    return found or f"{lines[0] if lines else 'the trainer pod failed'} (exit {code})"

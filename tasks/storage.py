@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from tasks.artifacts import copy_file_atomic, write_bytes_atomic
-from tasks.errors import PersoncarError
+from tasks.errors import PersoncarError, TemporaryError
 from tasks.logs import log
 
 MAX_WORKERS = 8
@@ -36,7 +36,7 @@ _CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToke
                      "AccessDenied", "InvalidClientTokenId", "403")
 
 
-class StorageError(PersoncarError):
+class StorageError(TemporaryError):
     """A storage operation failed; the message names the location and the reason (``code``: what kind)."""
 
     def __init__(self, message: str, *, code: str | None = None, bucket: str | None = None) -> None:

@@ -10,7 +10,8 @@ talks to a cluster; a test plays the task instance (its identity, try number and
 deferrable tasks, the triggerer.
 
 Faults: a worker killed while its train pod runs (the retry reattaches, no second pod), a pod
-that fails on a bad argument (the task fails with the pod's own message), a node that disappears
+that fails on a bad argument (the task fails with the pod's own message and without retries, also
+when deferred; one that fails on storage stays retryable), a node that disappears
 under a training pod (the retry resumes from the last checkpoint in S3).
 """
 
@@ -325,6 +326,7 @@ def test_two_gpu_pod_gets_shared_memory_and_the_flag_and_waits_for_a_node_with_t
 def test_failed_pod_fails_the_task_with_its_message_and_is_deleted(
         kube: Cluster, kubeconfig: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from airflow.exceptions import AirflowException
+    from airflow.sdk.exceptions import AirflowFailException
 
     arguments = train_args(f"s3://{BUCKET}/bad/train", 2) + ["--batch-size", "0"]  # a bad argument
     error = ("personcar train: error: argument --batch-size: must be an integer between 1 and 1024, got '0' "
@@ -335,7 +337,10 @@ def test_failed_pod_fails_the_task_with_its_message_and_is_deleted(
     name = _pod_name(kube)
     run = kube.runs[NAMESPACE, name]
     assert run.exit_code == 2 and run.text() == error + "\n"  # the CLI's one line, no traceback
-    text = str(raised.value)
+    # exit 2, a user error: the same pod would fail the same way, so the task fails without its retries,
+    # with the command's line; the operator's own failure text is its cause
+    assert isinstance(raised.value, AirflowFailException) and str(raised.value) == error
+    text = str(raised.value.__cause__)
     assert "returned a failure" in text
     assert error in text  # the container's termination message: the end of its log (FallbackToLogsOnError)
     assert f"[base] {error}" in _task_log(capfd)
@@ -346,6 +351,59 @@ def test_failed_pod_fails_the_task_with_its_message_and_is_deleted(
     assert any(p.data == {"metadata": {"labels": {"already_checked": "True"}}} for p in patches)
     assert [d.name for d in kube.requests("DELETE")] == [name]
     assert kube.api.objects[PODS, NAMESPACE, name].deleted
+
+
+def test_a_deferred_pod_that_failed_on_a_user_error_is_not_retried(kube: Cluster, kubeconfig: Path) -> None:
+    """The same decision when the triggerer watched the pod (the operator resumes, then cleans up)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op, context = build_task(kubeconfig, "train", train_args(f"s3://{BUCKET}/bad-deferred/train", 2) +
+                             ["--log-every", "0"], deferrable=True)
+    with pytest.raises(AirflowFailException) as raised:
+        run_task(op, context)
+    assert str(raised.value) == ("personcar train: error: argument --log-every: must be an integer >= 1, got '0' "
+                                 "(see personcar train --help)")
+    assert kube.runs[NAMESPACE, _pod_name(kube)].exit_code == 2
+    assert [d.name for d in kube.requests("DELETE")] == [_pod_name(kube)]
+
+
+def test_a_pod_that_failed_on_storage_is_retried(kube: Cluster, kubeconfig: Path) -> None:
+    """Exit 75 (a storage or network failure: a retry may pass) fails the try the retryable way."""
+    from airflow.exceptions import AirflowException
+    from airflow.sdk.exceptions import AirflowFailException
+
+    arguments = ["train", "--data", "s3://personcar-no-such-bucket/tfrecords", "--model-dir", f"s3://{BUCKET}/nb/train",
+                 *TINY, "--steps", "1"]
+    with pytest.raises(AirflowException) as raised:
+        run_train_task(kubeconfig, arguments)
+    run = kube.runs[NAMESPACE, _pod_name(kube)]
+    assert run.exit_code == 75, run.text()
+    assert run.text().strip().splitlines()[-1] == ("personcar train: error: download s3://personcar-no-such-bucket/"
+                                                   "tfrecords/ failed: bucket 'personcar-no-such-bucket' does not exist")
+    assert not isinstance(raised.value, AirflowFailException) and "returned a failure" in str(raised.value)
+
+
+def test_exit_codes_and_oom_lines_decide_the_retry() -> None:
+    from types import SimpleNamespace as NS
+
+    from tasks.errors import NO_RETRY_EXIT_CODES, DataValidationError, PersoncarError, TemporaryError
+    from tasks.k8s import base_exit_code, error_line
+    from tasks.storage import StorageError
+    from tasks.train import OutOfMemoryError
+
+    assert [e.exit_code for e in (PersoncarError, OutOfMemoryError, DataValidationError, TemporaryError,
+                                  StorageError)] == [2, 3, 1, 75, 75]
+    assert NO_RETRY_EXIT_CODES == (2, 3)
+    pod = NS(status=NS(container_statuses=[NS(name="side", state=NS(terminated=NS(exit_code=0))),
+                                           NS(name="base", state=NS(terminated=NS(exit_code=3)))]))
+    assert base_exit_code(pod, "base") == 3 and base_exit_code(NS(status=None), "base") is None
+    running = NS(status=NS(container_statuses=[NS(name="base", state=NS(terminated=None))]))
+    assert base_exit_code(running, "base") is None
+    text = ("Pod train-abc returned a failure.\n2026 INFO personcar: train: step 3\n'personcar train: error: out of "
+            "accelerator memory at batch_size 8 per GPU x 1 replica(s), 640x640 inputs: lower batch_size'")
+    assert error_line(text, 3) == ("personcar train: error: out of accelerator memory at batch_size 8 per GPU x 1 "
+                                   "replica(s), 640x640 inputs: lower batch_size")
+    assert error_line("Pod train-abc returned a failure.", 2) == "Pod train-abc returned a failure. (exit 2)"
 
 
 def test_a_killed_task_deletes_its_pod_and_the_kubelet_stops_the_container(kube: Cluster, kubeconfig: Path) -> None:
