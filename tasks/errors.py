@@ -6,7 +6,7 @@ from __future__ import annotations
 #: ``personcar``'s exit codes: 2 a user error (bad input, configuration or arguments; the same command
 #: fails the same way), 1 the dataset failed validation (and any crash), 3 out of accelerator memory,
 #: 75 a storage or network failure (``EX_TEMPFAIL``: a retry may pass). A trainer pod that exits
-#: with one of these is not retried (:mod:`tasks.k8s`).
+#: with one of ``NO_RETRY_EXIT_CODES`` fails its task without retries (:mod:`tasks.k8s`).
 NO_RETRY_EXIT_CODES = (2, 3)
 TEMPORARY_FAILURE = 75
 
