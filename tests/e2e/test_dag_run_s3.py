@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -40,18 +41,38 @@ CONF = {"dataset_source": f"s3://{BUCKET}/datasets/trainval.tar.gz", "model": "s
 POD_STAGES = ["build_tfrecords", "train", "evaluate"]
 
 
-@pytest.fixture(scope="module")
-def bucket(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict[str, Any]:
-    """The bucket, with the generated sample's archive where the DAG's ``dataset_source`` points."""
+def sample_bucket(root: Path, endpoint: str) -> dict[str, Any]:
+    """The bucket on moto's server, with the generated sample's archive where ``CONF``'s
+    ``dataset_source`` points; what :func:`run_dag` takes."""
     from tasks.sample import make_sample
 
-    root = tmp_path_factory.mktemp("e2e-s3")
     make_sample(root / "sample", images=10, seed=4, archive=root / "trainval.tar.gz")
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     s3.create_bucket(Bucket=BUCKET)
     s3.upload_file(str(root / "trainval.tar.gz"), BUCKET, "datasets/trainval.tar.gz")
-    return {"s3": s3, "endpoint": s3_server, "root": root}
+    return {"s3": s3, "endpoint": endpoint, "root": root}
+
+
+@contextlib.contextmanager
+def emulated_cluster(root: Path, endpoint: str, **cluster: Any) -> Iterator[tuple[Any, dict[str, str]]]:
+    """The one-node cluster (``tests/kubelet.py``) with the ``personcar-aws`` Secret the pod templates
+    name; yields it and the worker's environment for the ``kubernetes`` backend. Checked at the end."""
+    from tests.kubelet import Cluster
+
+    root.mkdir(parents=True, exist_ok=True)
+    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5, **cluster) as kube:
+        kube.create_secret("personcar-aws", {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL_S3": endpoint})
+        config = kube.kubeconfig(root / "kubeconfig", context="kmock")
+        yield kube, {"PERSONCAR_EXECUTION_BACKEND": "kubernetes", "PERSONCAR_K8S_CONFIG_FILE": str(config),
+                     "PERSONCAR_K8S_CONTEXT": "kmock", "PERSONCAR_K8S_IN_CLUSTER": "false", "PERSONCAR_K8S_CONN_ID": ""}
+        kube.check()
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> dict[str, Any]:
+    return sample_bucket(tmp_path_factory.mktemp("e2e-s3"), s3_server)
 
 
 def objects(s3: Any, prefix: str) -> dict[str, str]:
@@ -64,18 +85,19 @@ def read_json(s3: Any, key: str) -> Any:
     return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
-def run_dag(bucket: dict[str, Any], name: str, **env: str) -> dict[str, Any]:
-    """``airflow dags test`` of the DAG with its run folders under ``s3://<bucket>/<name>/runs`` and
-    its reports published to ``.../<name>/published``; ``env`` adds to the worker's environment."""
+def run_dag(bucket: dict[str, Any], name: str, *, dag_id: str = "personcar_detection", conf: dict[str, Any] = CONF,
+            **env: str) -> dict[str, Any]:
+    """``airflow dags test`` of ``dag_id`` with ``conf``, its run folders under ``s3://<bucket>/<name>/runs``
+    and its reports published to ``.../<name>/published``; ``env`` adds to the worker's environment."""
     root = bucket["root"] / name
     env = {**airflow_env(root), **CREDENTIALS, "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/{name}/runs",
            "PERSONCAR_S3_ENDPOINT_URL": bucket["endpoint"], **env}
-    conf = {**CONF, "publish_dest": f"s3://{BUCKET}/{name}/published"}
+    conf = {**conf, "publish_dest": f"s3://{BUCKET}/{name}/published"}
     assert airflow(env, "db", "migrate").returncode == 0
-    run = airflow(env, "dags", "test", "personcar_detection", DATE, "--conf", json.dumps(conf))
+    run = airflow(env, "dags", "test", dag_id, DATE, "--conf", json.dumps(conf))
     (root / "dags-test.log").write_text(run.stdout + run.stderr)
-    run_id = json_out(airflow(env, "dags", "list-runs", "personcar_detection", "--output", "json"))[0]["run_id"]
-    states = json_out(airflow(env, "tasks", "states-for-dag-run", "personcar_detection", run_id, "--output", "json"))
+    run_id = json_out(airflow(env, "dags", "list-runs", dag_id, "--output", "json"))[0]["run_id"]
+    states = json_out(airflow(env, "tasks", "states-for-dag-run", dag_id, run_id, "--output", "json"))
     from tasks.dag_tasks import run_key
 
     key = run_key(run_id)
@@ -90,22 +112,12 @@ def local_run(bucket: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def k8s_run(bucket: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    from tests.kubelet import Cluster
-
-    root = bucket["root"] / "kubernetes"
     image = os.environ.get("PERSONCAR_KUBELET_IMAGE")  # run the pods in this local image (make image-check)
     in_image = {"PERSONCAR_K8S_IMAGE": image} if image else {}
-    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5,
-                 runtime="buildah" if image else "venv") as cluster:
-        cluster.create_secret("personcar-aws", {
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL_S3": bucket["endpoint"]})
-        config = cluster.kubeconfig(bucket["root"] / "kubeconfig", context="kmock")
-        result = run_dag(bucket, "kubernetes", PERSONCAR_EXECUTION_BACKEND="kubernetes",
-                         PERSONCAR_K8S_CONFIG_FILE=str(config), PERSONCAR_K8S_CONTEXT="kmock",
-                         PERSONCAR_K8S_IN_CLUSTER="false", PERSONCAR_K8S_CONN_ID="", **in_image)
+    with emulated_cluster(bucket["root"] / "kubernetes", bucket["endpoint"],
+                          runtime="buildah" if image else "venv") as (cluster, k8s_env):
+        result = run_dag(bucket, "kubernetes", **k8s_env, **in_image)
         yield {**result, "cluster": cluster, "endpoint": bucket["endpoint"]}
-        cluster.check()
 
 
 def untimed(files: list[str]) -> list[str]:

@@ -15,11 +15,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.e2e.test_dag_run import DATE, airflow, airflow_env, json_out
-from tests.e2e.test_dag_run_s3 import BUCKET, CREDENTIALS, objects, read_json
+from tests.e2e.test_dag_run_s3 import BUCKET, CONF, emulated_cluster, objects, read_json, run_dag, sample_bucket
 from tests.e2e.test_sweep_run import TINY
 
 pytestmark = pytest.mark.slow
@@ -33,35 +31,12 @@ K8S_VERSIONS = ["1.33", "1.30"]  # as tests/unit/test_k8s_pod.py
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[dict[str, Any]]:
-    from tasks.dag_tasks import run_key
-    from tasks.sample import make_sample
-    from tests.kubelet import Cluster
-
-    root = tmp_path_factory.mktemp("sweep-k8s")
-    make_sample(root / "sample", images=10, seed=4, archive=root / "trainval.tar.gz")
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    s3.create_bucket(Bucket=BUCKET)
-    s3.upload_file(str(root / "trainval.tar.gz"), BUCKET, "sweep-data/trainval.tar.gz")
-    with Cluster(root / "node", namespace="personcar", gpus=1, grace_seconds=5) as cluster:
-        cluster.create_secret("personcar-aws", {**{k: v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"},
-                                                "AWS_ENDPOINT_URL_S3": s3_server})
-        config = cluster.kubeconfig(root / "kubeconfig", context="kmock")
-        env = {**airflow_env(root), **CREDENTIALS, "PERSONCAR_ARTIFACT_ROOT": f"s3://{BUCKET}/sweep-k8s/runs",
-               "PERSONCAR_S3_ENDPOINT_URL": s3_server, "PERSONCAR_EXECUTION_BACKEND": "kubernetes",
-               "PERSONCAR_K8S_CONFIG_FILE": str(config), "PERSONCAR_K8S_CONTEXT": "kmock",
-               "PERSONCAR_K8S_IN_CLUSTER": "false", "PERSONCAR_K8S_CONN_ID": ""}
-        conf = {"dataset_source": f"s3://{BUCKET}/sweep-data/trainval.tar.gz", "batch_size": 2, "val_fraction": 0.3,
-                "publish_dest": f"s3://{BUCKET}/sweep-k8s/published", "candidates": CANDIDATES}
-        assert airflow(env, "db", "migrate").returncode == 0
-        run = airflow(env, "dags", "test", DAG_ID, DATE, "--conf", json.dumps(conf))
-        (root / "dags-test.log").write_text(run.stdout + run.stderr)
-        run_id = json_out(airflow(env, "dags", "list-runs", DAG_ID, "--output", "json"))[0]["run_id"]
-        states = json_out(airflow(env, "tasks", "states-for-dag-run", DAG_ID, run_id, "--output", "json"))
-        key = run_key(run_id)
-        yield {"run": run, "states": states, "key": key, "s3": s3, "cluster": cluster, "endpoint": s3_server,
-               "prefix": f"s3://{BUCKET}/sweep-k8s/runs/{key}", "files": sorted(objects(s3, f"sweep-k8s/runs/{key}/"))}
-        cluster.check()
+    bucket = sample_bucket(tmp_path_factory.mktemp("sweep-k8s"), s3_server)
+    conf = {"dataset_source": CONF["dataset_source"], "batch_size": 2, "val_fraction": 0.3, "candidates": CANDIDATES}
+    with emulated_cluster(bucket["root"] / "sweep-k8s", s3_server) as (cluster, k8s_env):
+        result = run_dag(bucket, "sweep-k8s", dag_id=DAG_ID, conf=conf, **k8s_env)
+        yield {**result, "s3": bucket["s3"], "cluster": cluster, "endpoint": s3_server,
+               "prefix": f"s3://{BUCKET}/sweep-k8s/runs/{result['key']}"}
 
 
 def _log(sweep: dict[str, Any]) -> str:
