@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PersoncarError, TemporaryError
+from tasks.fetch import http_retryable
 from tasks.logs import log
 
 MODULES = ("backbone", "decoder", "head")
@@ -100,7 +101,7 @@ def _download_http(url: str, dest: Path) -> None:
             shutil.copyfileobj(resp, f, length=1 << 20)
     except OSError as exc:  # URLError, HTTPError, timeouts, disk full
         part.unlink(missing_ok=True)
-        refused = isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500 and exc.code not in (408, 429)
+        refused = isinstance(exc, urllib.error.HTTPError) and not http_retryable(exc.code)
         kind = PersoncarError if refused else TemporaryError  # a 404 stays one; a timeout may pass on retry
         raise kind(f"cannot download checkpoint {url}: {exc}") from exc
     part.replace(dest)

@@ -34,6 +34,11 @@ class Changed(TemporaryError):
     """The object is no longer the one a partial download came from (a new try starts afresh)."""
 
 
+def http_retryable(status: int) -> bool:
+    """Whether an HTTP error status may pass on a retry (timeout, too early, throttling, 5xx)."""
+    return status in (408, 425, 429) or status >= 500
+
+
 class Body(NamedTuple):
     offset: int  # where the body starts in the object
     total: int | None  # the whole object's size
@@ -71,7 +76,7 @@ class Http:
                 return Body(0, 0, exc.headers.get("ETag"), io.BytesIO())
             if exc.code == 416 and start:
                 raise Changed(f"HTTP 416: the server has no byte {start}") from exc
-            cls = Unreachable if exc.code in (408, 425, 429) or exc.code >= 500 else PersoncarError
+            cls = Unreachable if http_retryable(exc.code) else PersoncarError
             raise cls(f"cannot download {self.display}: HTTP {exc.code} {exc.reason}") from exc
         except urllib.error.URLError as exc:
             raise Unreachable(f"cannot download {self.display}: {one_line(exc.reason)}") from exc

@@ -298,6 +298,28 @@ def test_http_transient_errors_fail_each_attempt_cleanly_until_one_succeeds(http
     assert len(http_server.requests) == 3
 
 
+def test_http_errors_say_whether_a_retry_may_pass(http_server, ws, tmp_path):
+    """The archive download and the checkpoint download share one rule (``tasks.fetch.http_retryable``):
+    a timeout, throttling or 5xx is a TemporaryError (the CLI exits 75, a trainer pod is retried), any
+    other error status is final (exit 2)."""
+    from tasks.checkpoints import _download_http
+    from tasks.errors import TemporaryError
+
+    dest, cache = ws
+    ckpt = tmp_path / "ckpt.tar.gz"
+    for status, temporary in ((503, True), (429, True), (408, True), (404, False), (403, False)):
+        http_server.fail_next = [status, status]
+        with pytest.raises(PersoncarError) as archive_error:
+            download_dataset(http_server.url, dest, cache_dir=cache, **FAST)
+        with pytest.raises(PersoncarError, match=rf"^cannot download checkpoint {http_server.url}: HTTP Error {status}"
+                           ) as ckpt_error:
+            _download_http(http_server.url, ckpt)
+        for error in (archive_error.value, ckpt_error.value):
+            assert isinstance(error, TemporaryError) is temporary, (status, error)
+            assert error.exit_code == (75 if temporary else 2) and isinstance(error.__cause__, urllib.error.HTTPError)
+        assert not dest.exists() and not ckpt.exists() and not ckpt.with_name(ckpt.name + ".part").exists()
+
+
 def test_http_attempt_makes_one_request_and_no_retries_of_its_own(http_server, ws, caplog):
     dest, cache = ws
     http_server.fail_next = [503] * 10
