@@ -25,7 +25,7 @@ from typing import Any
 
 from tasks import storage
 from tasks.artifacts import write_json_atomic
-from tasks.errors import PersoncarError
+from tasks.errors import PersoncarError, TemporaryError
 from tasks.logs import log
 
 INDEX_NAME = "runs.json"
@@ -140,7 +140,7 @@ def _update_index_s3(dest: str, change: Callable[[list[dict]], list[dict]], clie
         except _Conflict:
             log.debug("%s changed while updating it (attempt %d); retrying", uri, attempt + 1)
             _backoff(attempt)
-    raise PersoncarError(f"{uri}: could not update the index after {MAX_INDEX_ATTEMPTS} attempts: "
+    raise TemporaryError(f"{uri}: could not update the index after {MAX_INDEX_ATTEMPTS} attempts: "
                          "other publishers kept changing it")
 
 
@@ -201,7 +201,8 @@ def s3_lease(uri: str, *, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float 
 
     Taken by a conditional create (``IfNoneMatch='*'``) of ``{"owner", "expires_at"}``; a lease
     past ``expires_at`` (its holder died) is taken over by a conditional overwrite of that version
-    (``IfMatch``). Waits up to ``wait_s`` for a live lease, then fails naming its holder. Released by
+    (``IfMatch``). Waits up to ``wait_s`` for a live lease, then fails naming its holder (a
+    :class:`TemporaryError`: a retry may find it free). Released by
     deleting it when it is still ours. A server without conditional writes gets no lease (a
     warning). The block must finish within ``ttl_s``.
     """
@@ -234,7 +235,7 @@ def s3_lease(uri: str, *, owner: str, ttl_s: float = LEASE_TTL_S, wait_s: float 
                     if not _is_conflict(exc):
                         raise
         if time.monotonic() > deadline:
-            raise PersoncarError(f"{uri}: held by {(holder or {}).get('owner', 'another publisher')} for more than "
+            raise TemporaryError(f"{uri}: held by {(holder or {}).get('owner', 'another publisher')} for more than "
                                  f"{wait_s:.0f} s; a lease left by a publish that died expires {ttl_s:.0f} s "
                                  "after it was taken")
         _backoff(attempt)
