@@ -12,15 +12,18 @@ the outputs of the tasks tested before it.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 from tasks.artifacts import safe_run_id
 from tasks.config import RunConfig, Settings
 from tasks.logs import log
 
 TEMPORARY_RUN_PREFIX = "__airflow_temporary_run_"
+T = TypeVar("T")
 
 
 def settings() -> Settings:
@@ -44,14 +47,30 @@ def run_location(context: dict[str, Any], stage: str = "") -> str:
     return storage.join_uri(root, run_key(dag_run.run_id, getattr(dag_run, "logical_date", None)), stage)
 
 
-def run_config(context: dict[str, Any]) -> RunConfig:
-    """The run's config from the DAG params; a bad one fails the task at once (a retry would not mend it)."""
-    from tasks.errors import PersoncarError
+def stage_task(fn: Callable[..., T]) -> Callable[..., T]:
+    """A task's stage function whose :class:`~tasks.errors.PersoncarError` fails the task without
+    retries (bad input or configuration, out of memory: the same try fails the same way), unless it
+    is a :class:`~tasks.errors.TemporaryError` (storage, network), which Airflow retries like a crash."""
 
-    try:
-        return RunConfig.from_params(run_params(context))
-    except PersoncarError as exc:
-        _fail_without_retry(exc)
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        from tasks.errors import PersoncarError, TemporaryError
+
+        try:
+            return fn(*args, **kwargs)
+        except TemporaryError:
+            raise
+        except PersoncarError as exc:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(exc)) from exc
+
+    return run
+
+
+def run_config(context: dict[str, Any]) -> RunConfig:
+    """The run's config from the DAG params."""
+    return RunConfig.from_params(run_params(context))
 
 
 def run_params(context: dict[str, Any]) -> dict[str, Any]:
@@ -83,13 +102,8 @@ def _input(location: str | None, context: dict[str, Any], stage: str, task: str)
     raise PersoncarError(f"{location} is missing: run task {task!r} for this run first")
 
 
-def _fail_without_retry(exc: BaseException) -> NoReturn:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    raise AirflowFailException(str(exc)) from exc
-
-
 # -- stages ------------------------------------------------------------------------------------
+@stage_task
 def download_dataset(context: dict[str, Any], dataset: Any = None) -> str:
     """Fetch the archive; its sha256 and counts become the dataset Asset's event metadata."""
     from tasks import storage
@@ -109,6 +123,7 @@ def download_dataset(context: dict[str, Any], dataset: Any = None) -> str:
     return out
 
 
+@stage_task
 def validate_annotations(context: dict[str, Any], download: str | None = None) -> str:
     from tasks.anchors import write_coverage
     from tasks.validate import validate_annotations as validate
@@ -127,6 +142,7 @@ def validate_annotations(context: dict[str, Any], download: str | None = None) -
     return out
 
 
+@stage_task
 def build_tfrecords(context: dict[str, Any], validated: str | None = None, download: str | None = None) -> str:
     from tasks import storage
     from tasks.tfrecords import build_tfrecords as build
@@ -141,11 +157,12 @@ def build_tfrecords(context: dict[str, Any], validated: str | None = None, downl
     return out
 
 
+@stage_task
 def train(context: dict[str, Any], tfrecords: str | None = None, *, cfg: RunConfig | None = None,
           out: str | None = None) -> str:
     """Train into ``<run>/train`` (or ``out``) with the run's config (or ``cfg``: a sweep's candidate)."""
     from tasks.publish import previous_run
-    from tasks.train import OutOfMemoryError, resolve_start
+    from tasks.train import resolve_start
     from tasks.train import train as run_training
 
     cfg, out = cfg or run_config(context), out or run_location(context, "train")
@@ -156,17 +173,15 @@ def train(context: dict[str, Any], tfrecords: str | None = None, *, cfg: RunConf
 
     with staging() as st:
         model_dir = st.output(out, keep=True)  # a retried task resumes from its last checkpoint
-        try:
-            summary = run_training(st.input(tfrecords), model_dir, cfg, start=resolve_start(cfg, promoted=promoted),
-                                   where=where(), on_checkpoint=(lambda _: st.sync(out)) if storage.is_remote(out)
-                                   else None)
-        except OutOfMemoryError as exc:  # the same batch runs out of memory again: do not retry
-            _fail_without_retry(exc)
+        summary = run_training(st.input(tfrecords), model_dir, cfg, start=resolve_start(cfg, promoted=promoted),
+                               where=where(), on_checkpoint=(lambda _: st.sync(out)) if storage.is_remote(out)
+                               else None)
     log.info("trained %s steps from %s; exported step %s", summary["steps"],
              summary["started_from"].get("description"), summary["exported_step"])
     return out
 
 
+@stage_task
 def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str | None = None, *,
              out: str | None = None) -> str:
     from tasks import storage
@@ -183,6 +198,7 @@ def evaluate(context: dict[str, Any], model: str | None = None, tfrecords: str |
     return out
 
 
+@stage_task
 def publish_report(context: dict[str, Any], parts: dict[str, str | None] | None = None, model: Any = None) -> dict:
     """Build the report from the run's stage locations, publish it, and record the model Asset's event."""
     cfg = run_config(context)

@@ -277,11 +277,11 @@ def _download(remote: Any, src: _Source, entry: Path, expected: str | None,
                 try:
                     chunk = body.stream.read(CHUNK if body.total is None else min(CHUNK, body.total - size))
                 except remote.errors as exc:
-                    raise PersoncarError(f"cannot download {src.display}: connection lost: "
-                                         f"{type(exc).__name__}: {one_line(exc)}{kept}") from exc
+                    raise fetch.Unreachable(f"cannot download {src.display}: connection lost: "
+                                             f"{type(exc).__name__}: {one_line(exc)}{kept}") from exc
                 if not chunk and body.total is not None:
-                    raise PersoncarError(f"cannot download {src.display}: connection closed after {size} of "
-                                         f"{body.total} bytes{kept}")
+                    raise fetch.Unreachable(f"cannot download {src.display}: connection closed after {size} of "
+                                             f"{body.total} bytes{kept}")
                 if not chunk:
                     break
                 f.write(chunk)

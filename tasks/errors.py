@@ -5,8 +5,10 @@ from __future__ import annotations
 
 #: ``personcar``'s exit codes: 2 a user error (bad input, configuration or arguments; the same command
 #: fails the same way), 1 the dataset failed validation (and any crash), 3 out of accelerator memory,
-#: 75 a storage or network failure (``EX_TEMPFAIL``: a retry may pass). A trainer pod that exits
-#: with one of ``NO_RETRY_EXIT_CODES`` fails its task without retries (:mod:`tasks.k8s`).
+#: 75 a storage or network failure (``EX_TEMPFAIL``: a retry may pass). Only that and a crash are
+#: retried: a trainer pod that exits with one of ``NO_RETRY_EXIT_CODES``, or 1 with its one error
+#: line, fails its task at once (:func:`tasks.k8s.retry_may_pass`), and so does a worker task that
+#: raises any other PersoncarError (:func:`tasks.dag_tasks.stage_task`).
 NO_RETRY_EXIT_CODES = (2, 3)
 TEMPORARY_FAILURE = 75
 

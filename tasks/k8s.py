@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.errors import PersoncarError
+from tasks.errors import NO_RETRY_EXIT_CODES, DataValidationError, PersoncarError
 
 DEFAULT_IMAGE = "ghcr.io/personcar/trainer:0.1.0"
 DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "pod-templates"
@@ -160,16 +160,14 @@ def make_trainer_task(task_id: str, arguments: Sequence[str], settings: TrainerP
 def trainer_operator_class() -> type:
     """``KubernetesPodOperator`` that fails without retrying when a retry of the pod cannot mend it.
 
-    That is when the pod's ``personcar`` command exited with one of :data:`tasks.errors.NO_RETRY_EXIT_CODES`
-    (bad input, configuration or arguments; out of accelerator memory: the same pod fails the same
-    way). A storage or network failure (exit 75), a crash, a lost node or an eviction is retried.
+    That is when the pod's ``personcar`` command failed for a reason a retry does not change
+    (:func:`retry_may_pass`). A storage or network failure (exit 75), a crash, a lost node or an
+    eviction is retried.
     The task's error is the command's one line, from the pod's termination message
     (``FallbackToLogsOnError``: the end of its log), which the operator puts in its exception.
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
-    from tasks.errors import NO_RETRY_EXIT_CODES
 
     class TrainerPodOperator(KubernetesPodOperator):
         def cleanup(self, pod: Any, remote_pod: Any, *args: Any, **kwargs: Any) -> None:
@@ -177,11 +175,28 @@ def trainer_operator_class() -> type:
                 super().cleanup(pod, remote_pod, *args, **kwargs)
             except AirflowException as exc:
                 code = base_exit_code(remote_pod, self.base_container_name)
-                if code in NO_RETRY_EXIT_CODES or OOM_MARKER in str(exc):
+                if not retry_may_pass(code, str(exc)):
                     raise AirflowFailException(error_line(str(exc), code)) from exc
                 raise
 
     return TrainerPodOperator
+
+
+def retry_may_pass(code: int | None, text: str) -> bool:
+    """Whether a new pod may pass where this one failed with exit code ``code`` and failure ``text``.
+
+    Not when ``personcar`` exited with one of :data:`tasks.errors.NO_RETRY_EXIT_CODES` (bad input,
+    configuration or arguments; out of accelerator memory), nor when it exited 1 with its one error
+    line (the dataset failed validation: a traceback is a crash, which is retried).
+    """
+    if code in NO_RETRY_EXIT_CODES or OOM_MARKER in text:
+        return False
+    return not (code == DataValidationError.exit_code and _cli_error(text) is not None)
+
+
+def _cli_error(text: str) -> str | None:
+    lines = [ln.strip().strip("'\"") for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if (f"{CLI} " in ln and ": error: " in ln) or OOM_MARKER in ln), None)
 
 
 def base_exit_code(pod: Any, container: str) -> int | None:
@@ -194,6 +209,5 @@ def base_exit_code(pod: Any, container: str) -> int | None:
 
 def error_line(text: str, code: int | None) -> str:
     """The ``personcar`` command's one error line in the operator's failure text, else its first line."""
-    lines = [ln.strip().strip("'\"") for ln in text.splitlines() if ln.strip()]
-    found = next((ln for ln in reversed(lines) if (f"{CLI} " in ln and ": error: " in ln) or OOM_MARKER in ln), None)
-    return found or f"{lines[0] if lines else 'the trainer pod failed'} (exit {code})"
+    first = next((ln.strip().strip("'\"") for ln in text.splitlines() if ln.strip()), "the trainer pod failed")
+    return _cli_error(text) or f"{first} (exit {code})"

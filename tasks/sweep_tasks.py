@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from tasks import dag_tasks
-from tasks.dag_tasks import run_location, run_params, where
+from tasks.dag_tasks import run_location, run_params, stage_task, where
 from tasks.logs import log
 from tasks.sweep import COMPARE_DIR, FAILURE, MANIFEST, candidate_config, candidate_stage, manifest, parse_candidates
 
@@ -34,6 +34,7 @@ def _location(context: dict[str, Any], name: str, stage: str = "") -> str:
 
 
 # -- tasks -------------------------------------------------------------------------------------
+@stage_task
 def list_candidates(context: dict[str, Any]) -> list[dict[str, Any]]:
     """Check the candidates (one line names a bad one) and write ``<run>/candidates.json``."""
     from tasks import storage
@@ -46,17 +47,20 @@ def list_candidates(context: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+@stage_task
 def train_candidate(context: dict[str, Any], candidate: dict[str, Any], tfrecords: str | None = None) -> str:
     cfg = candidate_config(run_params(context), candidate)
     return dag_tasks.train(context, tfrecords, cfg=cfg, out=_location(context, candidate["name"], "train"))
 
 
+@stage_task
 def evaluate_candidate(context: dict[str, Any], candidate: dict[str, Any], model: str | None = None,
                        tfrecords: str | None = None) -> str:
     return dag_tasks.evaluate(context, model or _location(context, candidate["name"], "train"), tfrecords,
                               out=_location(context, candidate["name"], "evaluate"))
 
 
+@stage_task
 def compare(context: dict[str, Any], tfrecords: str | None = None) -> str:
     """The sweep report of every candidate into ``<run>/compare`` (failed ones named, not ranked)."""
     from tasks import storage
@@ -74,6 +78,7 @@ def compare(context: dict[str, Any], tfrecords: str | None = None) -> str:
     return out
 
 
+@stage_task
 def publish_sweep(context: dict[str, Any], compared: str | None = None, model: Any = None) -> dict[str, Any]:
     """Publish the sweep report; with ``promote_winner``, first the recommended candidate as a run."""
     from tasks.sweep_publish import publish_sweep as publish

@@ -121,3 +121,31 @@ def test_a_single_task_reruns_with_airflow_tasks_test_and_replaces_its_outputs(d
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert sorted(p.relative_to(run).as_posix() for p in (run / "evaluate").rglob("*")) == before
     assert json.loads((run / "evaluate" / "metrics.json").read_text()) == metrics_before
+
+
+def test_a_user_error_fails_its_task_at_once_without_the_retries(dag_run: dict) -> None:
+    """download_dataset retries network failures 3 times (1, 2, 4 minutes apart); an archive that
+    can never pass (a member escaping the folder) fails the task on its first try, and the run with it."""
+    import tarfile
+
+    root, date = dag_run["root"], "2026-01-12"
+    hostile = root / "hostile.tar.gz"
+    with tarfile.open(hostile, "w:gz") as tar:
+        data = root / "payload.txt"
+        data.write_text("x")
+        tar.add(data, arcname="trainval/../../escape.txt")
+    conf = {"dataset_source": hostile.as_uri(), "publish_dest": (root / "published").as_uri()}
+    run = airflow(dag_run["env"], "dags", "test", "personcar_detection", date, "--conf", json.dumps(conf), timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out[-3000:]
+    error = "unsafe archive member 'trainval/../../escape.txt' in hostile.tar.gz: "
+    assert error in out, out[-3000:]
+    assert "up_for_retry" not in out.lower() and "AirflowFailException" in out, out[-3000:]
+    runs = json_out(airflow(dag_run["env"], "dags", "list-runs", "personcar_detection", "--output", "json"))
+    failed = next(r for r in runs if r["logical_date"].startswith(date))
+    assert failed["state"] == "failed"
+    rows = json_out(airflow(dag_run["env"], "tasks", "states-for-dag-run", "personcar_detection", failed["run_id"],
+                            "--output", "json"))
+    states = {row["task_id"]: row["state"] for row in rows}
+    assert states == {"download_dataset": "failed", **dict.fromkeys(TASKS[1:], "upstream_failed")}, states
+    assert not (root / "escape.txt").exists() and not (root / "runs" / "escape.txt").exists()

@@ -32,7 +32,7 @@ from PIL import Image
 
 from tasks import download as dl
 from tasks.download import MANIFEST_NAME, download_dataset
-from tasks.errors import PersoncarError
+from tasks.errors import PersoncarError, TemporaryError
 from tests.conftest import coco_doc, free_port
 
 N_IMAGES = 4
@@ -210,7 +210,8 @@ def test_http_drop_midway_fails_the_attempt_and_the_next_attempt_resumes(http_se
     monkeypatch.setattr(dl, "CHUNK", 1024)  # many chunks: progress must still be rate limited
     caplog.set_level(logging.INFO, logger="personcar")
     half = len(archive) // 2
-    with pytest.raises(PersoncarError, match=rf"connection closed after {half} of {len(archive)} bytes"):
+    # a retry may pass: a TemporaryError (exit 75), which the DAG task retries
+    with pytest.raises(TemporaryError, match=rf"connection closed after {half} of {len(archive)} bytes"):
         download_dataset(http_server.url, dest, sha256=sha(archive), cache_dir=cache, **FAST)
     assert len(http_server.requests) == 1  # no retry inside the attempt: Airflow's task retries own that
     assert not dest.exists()
@@ -303,7 +304,6 @@ def test_http_errors_say_whether_a_retry_may_pass(http_server, ws, tmp_path):
     a timeout, throttling or 5xx is a TemporaryError (the CLI exits 75, a trainer pod is retried), any
     other error status is final (exit 2)."""
     from tasks.checkpoints import _download_http
-    from tasks.errors import TemporaryError
 
     dest, cache = ws
     ckpt = tmp_path / "ckpt.tar.gz"

@@ -387,7 +387,7 @@ def test_exit_codes_and_oom_lines_decide_the_retry() -> None:
     from types import SimpleNamespace as NS
 
     from tasks.errors import NO_RETRY_EXIT_CODES, DataValidationError, PersoncarError, TemporaryError
-    from tasks.k8s import base_exit_code, error_line
+    from tasks.k8s import base_exit_code, error_line, retry_may_pass
     from tasks.storage import StorageError
     from tasks.train import OutOfMemoryError
 
@@ -404,6 +404,11 @@ def test_exit_codes_and_oom_lines_decide_the_retry() -> None:
     assert error_line(text, 3) == ("personcar train: error: out of accelerator memory at batch_size 8 per GPU x 1 "
                                    "replica(s), 640x640 inputs: lower batch_size")
     assert error_line("Pod train-abc returned a failure.", 2) == "Pod train-abc returned a failure. (exit 2)"
+    refused = "Pod tfrecords-abc returned a failure.\n'personcar tfrecords: error: a.json: refused by the validation rules'"
+    crash = "Pod tfrecords-abc returned a failure.\nTraceback (most recent call last):\nKeyError: 'images'"
+    assert [retry_may_pass(code, text) for code, text in (
+        (2, crash), (3, crash), (1, refused), (1, crash), (75, refused), (None, crash), (137, crash))] == [
+        False, False, False, True, True, True, True]
 
 
 def test_a_killed_task_deletes_its_pod_and_the_kubelet_stops_the_container(kube: Cluster, kubeconfig: Path) -> None:

@@ -118,13 +118,23 @@ def test_a_bad_run_config_fails_the_airflow_task_without_retries() -> None:
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.dag_tasks import run_config
+    from tasks.dag_tasks import download_dataset, run_config, stage_task
+    from tasks.storage import StorageError
 
     context = {"params": {"backbone": "resnet18", "candidates": []}, "dag_run": SimpleNamespace(run_id="manual__1")}
     with pytest.raises(AirflowFailException, match="invalid run configuration: backbone: ") as exc:
-        run_config(context)
+        download_dataset(context)
     assert isinstance(exc.value.__cause__, PersoncarError)
     assert run_config({"params": {"steps": 3, "candidates": []}}).steps == 3
+
+    @stage_task
+    def failing(error: Exception) -> None:
+        raise error
+
+    with pytest.raises(StorageError):  # storage and network failures, and crashes, stay retryable
+        failing(StorageError("s3://b/k: endpoint unreachable"))
+    with pytest.raises(ZeroDivisionError):
+        failing(ZeroDivisionError("crash"))
 
 
 def test_settings_from_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
