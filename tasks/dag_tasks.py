@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from tasks.artifacts import safe_run_id
 from tasks.config import RunConfig, Settings
+from tasks.errors import PersoncarError, TemporaryError
 from tasks.logs import log
 
 TEMPORARY_RUN_PREFIX = "__airflow_temporary_run_"
@@ -54,8 +55,6 @@ def stage_task(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> T:
-        from tasks.errors import PersoncarError, TemporaryError
-
         try:
             return fn(*args, **kwargs)
         except TemporaryError:
@@ -97,8 +96,6 @@ def _input(location: str | None, context: dict[str, Any], stage: str, task: str)
     location = location or run_location(context, stage)
     if storage.is_remote(location) or Path(location).exists():
         return location
-    from tasks.errors import PersoncarError
-
     raise PersoncarError(f"{location} is missing: run task {task!r} for this run first")
 
 
@@ -295,8 +292,7 @@ def run_dir_macro(dag_run: Any) -> str:
 
 def run_config_macro(params: Any) -> str:
     """``{{ personcar_run_config(params) }}``: the validated run config as JSON for ``--run-config``."""
-    cfg = RunConfig.from_params({k: v for k, v in dict(params).items() if k in RunConfig.model_fields})
-    return cfg.model_dump_json(exclude_none=True)
+    return run_config({"params": params}).model_dump_json(exclude_none=True)
 
 
 def publish_dest_macro(params: Any) -> str:
